@@ -22,7 +22,7 @@ with zeros (masks are 1.0 for real steps, 0.0 for padding).
 | waveform_mask   | (N,)           | adf              |                                               |
 | enc_patches     | (P, E)         | 3m-ser           | encoder frames mean-pooled per 0.96 s         |
 | logmel_patches  | (P, 96, 64)    | 3m-ser (VGGish)  | VGGish log-mel patches                        |
-| patch_mask      | (P,)           | 3m-ser           |                                               |
+| patch_mask      | (P,)           | 3m-ser           | one per 0.96-s patch (both patch kinds)       |
 | encoder         | (Te, E)        | baseline         | Whisper encoder frames                        |
 | encoder_mask    | (Te,)          | baseline         |                                               |
 """
@@ -48,8 +48,8 @@ def model_inputs(analysis, max_words: int = 100) -> dict[str, np.ndarray]:
     W = min(len(tx), max_words)
     n_seg = max(1, math.ceil(len(analysis.audio) / (F.SAMPLE_RATE * 3.0)))
     enc = tr.encoder_frames.astype(np.float32, copy=False)
-    patches = _pool(enc, PATCH_ENC_FRAMES)
     logmel = ac.logmel_patches
+    patches = _pool(enc, PATCH_ENC_FRAMES, len(logmel))  # same patch grid as the VGGish log-mel
     ones = np.ones
     return {
         "frames33": ac.frames33,
@@ -82,13 +82,19 @@ def _segments(x: np.ndarray, length: int, n_seg: int) -> np.ndarray:
     return out
 
 
-def _pool(x: np.ndarray, size: int) -> np.ndarray:
-    """Mean-pool consecutive blocks of ``size`` frames; a partial last block is averaged as is."""
-    n = max(1, math.ceil(len(x) / size))
-    return np.stack([x[i * size : (i + 1) * size].mean(axis=0) for i in range(n)]).astype(np.float32)
+def _pool(x: np.ndarray, size: int, n: int) -> np.ndarray:
+    """Mean-pool ``n`` consecutive blocks of ``size`` frames (a short last block is averaged as is)."""
+    out = np.zeros((n, x.shape[1]), np.float32)
+    for i in range(n):
+        block = x[i * size : (i + 1) * size]
+        if len(block):
+            out[i] = block.mean(axis=0)
+    return out
 
 
-def collate(samples: Sequence[dict[str, np.ndarray]], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+def collate(
+    samples: Sequence[dict[str, np.ndarray]], names: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
     """Stack per-utterance inputs into a batch, zero-padding the first axis to the longest."""
     names = list(names) if names is not None else list(samples[0])
     batch = {}

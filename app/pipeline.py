@@ -100,7 +100,9 @@ class Analyzer:
         t0 = _now_ms()
         transcript = self.recognizer.transcribe(audio)
         t1 = _now_ms()
-        text = self.text_encoder.encode([w.word for w in transcript.words], [w.confidence for w in transcript.words])
+        text = self.text_encoder.encode(
+            [w.word for w in transcript.words], [w.confidence for w in transcript.words]
+        )
         t2 = _now_ms()
         acoustic = F.compute_acoustic(audio)
         t3 = _now_ms()

@@ -19,7 +19,9 @@ class ModelEmotion(BaseModel):
 
 class Emotion(BaseModel):
     label: str = Field(description="argmax of `probabilities`")
-    probabilities: dict[str, float] = Field(description="ensemble (mean over the requested models), sums to 1")
+    probabilities: dict[str, float] = Field(
+        description="ensemble (mean over the requested models), sums to 1"
+    )
     per_model: dict[str, ModelEmotion] = Field(default_factory=dict)
 
 
@@ -51,7 +53,9 @@ class PredictResponse(BaseModel):
     language: str
     words: list[WordOut] = Field(default_factory=list)
     segments: list[SegmentOut] = Field(default_factory=list)
-    emotion: Emotion | None = Field(description="whole input: duration-weighted mean over segments; null without speech")
+    emotion: Emotion | None = Field(
+        description="whole input: duration-weighted mean over segments; null without speech"
+    )
     models: list[ModelInfo]
     timing_ms: Timing
     session_id: str | None = None

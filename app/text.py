@@ -41,7 +41,9 @@ class TextFeatures:
 
 
 class TextEncoder:
-    def __init__(self, model_dir: str | Path | None = None, providers: Sequence[str] | None = None, threads: int = 0):
+    def __init__(
+        self, model_dir: str | Path | None = None, providers: Sequence[str] | None = None, threads: int = 0
+    ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 

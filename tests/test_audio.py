@@ -29,7 +29,14 @@ def speech(fixtures_dir):
 
 @pytest.mark.parametrize(
     "fmt,subtype",
-    [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", None), ("OGG", "OPUS"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")],
+    [
+        ("WAV", "PCM_16"),
+        ("WAV", "FLOAT"),
+        ("FLAC", None),
+        ("OGG", "OPUS"),
+        ("OGG", "VORBIS"),
+        ("MP3", "MPEG_LAYER_III"),
+    ],
 )
 def test_decodes_common_formats(speech, fmt, subtype):
     out = A.decode(_encode(speech, 16000, fmt, subtype))
