@@ -1,0 +1,513 @@
+"""Command line: ``python -m training {cache,evaluate,train,export,baseline,ensemble,train-defaults}``.
+
+Run ``python -m training <command> --help`` for every option. Outputs: run reports under
+``runs/<model>-<variant>-<timestamp>/`` (report.json + confusion.png), shipped models under
+``models/`` (<id>.onnx + <id>.json card, RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from training.data import DATASETS, LABEL_SETS, load_dataset
+from training.models import MODEL_IDS, model_classes
+from training.protocols import PROTOCOLS, make_folds
+
+log = logging.getLogger("training")
+
+DEFAULT_DATA = "../shared/data/ravdess-a01-18"
+
+# The papers' own figures, for context only (other corpus and protocol than ours: never compare
+# them as equals). Keys: model -> variant (or "*") -> (accuracy, balanced_accuracy, where).
+PAPER_FIGURES: dict[str, dict[str, tuple[float, float, str]]] = {
+    "cmt-awc": {
+        "base-nocross": (
+            73.4,
+            75.7,
+            "IEMOCAP 4-class, 5-fold CV (paper 000 Tab. I; its UA = accuracy, WA = balanced)",
+        ),
+        "base": (74.7, 76.9, "IEMOCAP 4-class, 5-fold CV (paper 000 Tab. I)"),
+        "sa-correction": (75.4, 77.5, "IEMOCAP 4-class, 5-fold CV (paper 000 Tab. I, method 1)"),
+        "sdpa-correction": (75.3, 77.2, "IEMOCAP 4-class, 5-fold CV (paper 000 Tab. I, method 2)"),
+    },
+    "ca-mser": {"*": (69.80, 71.05, "IEMOCAP 4-class, leave-one-session-out 5 folds (paper 002 Tab. 1)")},
+    "adf": {
+        "F-I": (79.27, 77.85, "IEMOCAP 4-class, 10-fold CV 8:1:1 (paper 003 Tab. 1)"),
+        "F-II": (80.01, 78.98, "IEMOCAP 4-class, 10-fold CV 8:1:1 (paper 003 Tab. 1)"),
+        "F-III": (80.51, 79.22, "IEMOCAP 4-class, 10-fold CV 8:1:1 (paper 003 Tab. 1)"),
+    },
+    "3m-ser": {
+        "layernorm": (80.66, 79.96, "IEMOCAP 4-class, SERVER's split (paper 004, with LayerNorm)"),
+        "no-layernorm": (76.81, 75.35, "IEMOCAP 4-class, SERVER's split (paper 004, without LayerNorm)"),
+    },
+}
+
+# --variant for models whose config has no ``variant`` field: name -> config overrides
+VARIANT_FIELDS: dict[str, dict[str, dict]] = {
+    "adf": {f: {"fusion": f} for f in ("F-I", "F-II", "F-III")},
+    "ca-mser": {"co-attention": {"co_attention": True}, "concat": {"co_attention": False}},
+    "3m-ser": {"layernorm": {"layer_norm": True}, "no-layernorm": {"layer_norm": False}},
+}
+
+
+def paper_figure(model: str, variant: str) -> tuple[float, float, str] | None:
+    figures = PAPER_FIGURES.get(model, {})
+    return (
+        figures.get(variant)
+        or figures.get(variant.split("-")[0] if model == "adf" else "")
+        or figures.get("*")
+    )
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def _parse_value(raw: str, default):
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    if isinstance(default, (int, float, str)) and default is not None:
+        return type(default)(raw)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def model_overrides(model_id: str, variant: str | None, pairs: list[str]) -> dict:
+    """``--variant`` and ``--set key=value`` -> config overrides, typed like the config fields."""
+    _, cfg_cls = model_classes(model_id)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg_cls)}
+    out = {}
+    if variant:
+        if "variant" in defaults:
+            out["variant"] = variant
+        elif variant in VARIANT_FIELDS.get(model_id, {}):
+            out.update(VARIANT_FIELDS[model_id][variant])
+        else:
+            choices = ", ".join(VARIANT_FIELDS.get(model_id, {})) or "none (use --set)"
+            raise SystemExit(f"{model_id} has no variant {variant!r}; choose from {choices}")
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        if key not in defaults:
+            raise SystemExit(f"{model_id} has no config field {key!r}; fields: {', '.join(defaults)}")
+        out[key] = _parse_value(raw, defaults[key])
+    return out
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", default=DEFAULT_DATA, help=f"corpus directory, or manifest CSV (default: {DEFAULT_DATA})"
+    )
+    g.add_argument("--dataset", choices=DATASETS, default="ravdess", help="corpus layout (default: ravdess)")
+    g.add_argument(
+        "--labels", choices=tuple(LABEL_SETS), default="4class", help="label set (default: 4class)"
+    )
+    g.add_argument("--cache-dir", default="cache", help="feature cache root (default: cache)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_protocol(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("protocol")
+    g.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="speaker-kfold",
+        help="speaker-kfold (k folds of whole speakers), loso (leave one speaker out), loso-session "
+        "(leave one session/group out) (default: speaker-kfold)",
+    )
+    g.add_argument(
+        "--folds", type=int, default=6, help="k of speaker-kfold (default: 6 = 3 RAVDESS actors per fold)"
+    )
+    g.add_argument(
+        "--val-speakers",
+        type=int,
+        default=2,
+        help="training speakers held out per fold for epoch selection (default: 2)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the folds, weight init and shuffling (default: 0)"
+    )
+    g.add_argument("--out", default="runs", help="root directory of run reports (default: runs)")
+
+
+def _add_training(p: argparse.ArgumentParser, need_model: bool = True) -> None:
+    g = p.add_argument_group("model and optimisation (defaults: the model module's TRAIN_DEFAULTS)")
+    if need_model:
+        g.add_argument("--model", required=True, choices=MODEL_IDS, help="model id")
+        g.add_argument(
+            "--variant",
+            help="paper variant: cmt-awc base-nocross|base|sa-correction|sdpa-correction; adf F-I|F-II|F-III; "
+            "ca-mser co-attention|concat; 3m-ser layernorm|no-layernorm (default: the model's own default)",
+        )
+        g.add_argument(
+            "--set",
+            dest="sets",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="set a model config field, repeatable (e.g. --set dropout=0.3)",
+        )
+    g.add_argument("--epochs", type=int, help="maximum epochs per fit")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--weight-decay", type=float, help="weight decay")
+    g.add_argument("--batch-size", type=int, help="batch size")
+    g.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    g.add_argument(
+        "--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda (default: auto)"
+    )
+    g.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads; 0 = all usable cores (default: 0)"
+    )
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models-dir", default="models", help="where <id>.onnx and <id>.json go (default: models)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Feature cache, speaker-independent cross-validation, ONNX export and model cards "
+        "for the four SER models (see training/__main__.py for the output layout).",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also log every epoch (default: one line per fold)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text)
+
+    p = command("cache", "fill the feature cache (ASR + features) for a corpus")
+    _add_data(p)
+
+    p = command("evaluate", "cross-validate one model and write a run report (no export)")
+    _add_data(p), _add_protocol(p), _add_training(p)
+
+    p = command("train", "cross-validate one model, then train the final model and export it")
+    _add_data(p), _add_protocol(p), _add_training(p), _add_export(p)
+
+    p = command(
+        "export",
+        "train the final model on all speakers and export ONNX + card (epoch count from --report, "
+        "else from an inner validation split)",
+    )
+    _add_data(p), _add_protocol(p), _add_training(p), _add_export(p)
+    p.add_argument(
+        "--report",
+        help="CV run report (dir or report.json): its median best epoch and metrics go to the card",
+    )
+
+    p = command("baseline", "logistic regression on pooled Whisper encoder frames, same folds")
+    _add_data(p), _add_protocol(p)
+
+    p = command("ensemble", "mean of the out-of-fold probabilities of several run reports")
+    p.add_argument("reports", nargs="+", help="run directories or report.json files (same clips and folds)")
+    p.add_argument("--out", default="runs", help="root directory of run reports (default: runs)")
+
+    p = command(
+        "train-defaults",
+        "cache + baseline + CV and export of every model + ensemble + models/RESULTS.md; by default on "
+        "RAVDESS actors 01-18, 4class, speaker-independent 6-fold CV (3 actors per fold)",
+    )
+    _add_data(p), _add_protocol(p), _add_training(p, need_model=False), _add_export(p)
+    p.add_argument(
+        "--models", nargs="+", choices=MODEL_IDS, default=list(MODEL_IDS), help="models to run (default: all)"
+    )
+    return parser
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+class Context:
+    """Loaded corpus + cache shared by the commands."""
+
+    def __init__(self, args):
+        from training.cache import FeatureCache
+
+        self.args = args
+        self.clips = load_dataset(args.dataset, args.data, args.labels)
+        self.classes = LABEL_SETS[args.labels]
+        self.cache = FeatureCache(args.cache_dir)
+
+    def samples(self, names):
+        from training.cache import CacheStats, prepare
+
+        stats = CacheStats()
+        out = prepare(
+            self.clips, self.classes, self.cache, names, progress=not self.args.no_progress, stats=stats
+        )
+        log.info(
+            "cache %s: %d hits, %d analysed, %.0f s", self.cache.dir, stats.hits, stats.misses, stats.seconds
+        )
+        return out
+
+    def folds(self):
+        a = self.args
+        return make_folds(self.clips, a.protocol, a.folds, a.seed, a.val_speakers)
+
+    def dataset(self, samples):
+        from training.trainer import dataset_block
+
+        return dataset_block(self.args.dataset, self.args.data, self.args.labels, samples, self.classes)
+
+
+def _settings(args, model_id: str):
+    from training.trainer import make_settings
+
+    return make_settings(
+        model_id,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def _model_samples(ctx: Context, model_id: str, overrides: dict):
+    from training.trainer import model_input_names
+
+    return ctx.samples(model_input_names(model_id, len(ctx.classes), overrides))
+
+
+def run_cv(ctx: Context, model_id: str, overrides: dict, samples=None):
+    from training.trainer import cross_validate
+
+    samples = samples if samples is not None else _model_samples(ctx, model_id, overrides)
+    a = ctx.args
+    res = cross_validate(
+        model_id,
+        samples,
+        ctx.classes,
+        ctx.folds(),
+        _settings(a, model_id),
+        overrides,
+        a.protocol,
+        ctx.dataset(samples),
+        a.out,
+    )
+    _print_result(res.report)
+    return res, samples
+
+
+def run_export(ctx: Context, model_id: str, overrides: dict, samples, cv_report: dict | None):
+    from training.export import export_model
+    from training.trainer import train_final
+
+    a = ctx.args
+    epochs = None
+    if cv_report and cv_report.get("best_epochs"):
+        epochs = max(1, int(sorted(cv_report["best_epochs"])[len(cv_report["best_epochs"]) // 2]))
+    result, how = train_final(
+        model_id, samples, len(ctx.classes), _settings(a, model_id), overrides, epochs, a.val_speakers
+    )
+    how.update(seconds=round(result.seconds, 2), train_settings=_settings(a, model_id).to_dict())
+    if cv_report:
+        how["epochs_from"] = (
+            "median best epoch of the CV folds (each chosen on its inner-validation speakers)"
+        )
+    card = export_model(
+        model_id,
+        result.model,
+        result.config,
+        ctx.classes,
+        samples,
+        a.models_dir,
+        ctx.dataset(samples),
+        cv_report,
+        how,
+    )
+    print(
+        f"exported {Path(a.models_dir) / card['onnx']} (parity max diff {card['parity']['max_abs_diff']:.2e})"
+    )
+    return card, result
+
+
+def _print_result(report: dict) -> None:
+    m = report["metrics"]
+    print(
+        f"{report['model']:>9} {report['variant']:<18} accuracy {m['accuracy']:.4f}  "
+        f"balanced_accuracy {m['balanced_accuracy']:.4f}  ({report['train_seconds'] / 60:.1f} min)  -> {report.get('_path', '')}"
+    )
+
+
+def cmd_cache(args) -> None:
+    ctx = Context(args)
+    ctx.samples(())
+    print(f"cached {len(ctx.clips)} clips under {ctx.cache.dir}")
+
+
+def cmd_evaluate(args) -> None:
+    run_cv(Context(args), args.model, model_overrides(args.model, args.variant, args.sets))
+
+
+def cmd_train(args) -> None:
+    ctx = Context(args)
+    overrides = model_overrides(args.model, args.variant, args.sets)
+    res, samples = run_cv(ctx, args.model, overrides)
+    run_export(ctx, args.model, overrides, samples, res.report)
+
+
+def cmd_export(args) -> None:
+    from training.trainer import load_report
+
+    ctx = Context(args)
+    overrides = model_overrides(args.model, args.variant, args.sets)
+    report = load_report(args.report) if args.report else None
+    run_export(ctx, args.model, overrides, _model_samples(ctx, args.model, overrides), report)
+
+
+def cmd_baseline(args):
+    from training.baseline import INPUT_NAMES, cross_validate_baseline
+
+    ctx = Context(args)
+    samples = ctx.samples(INPUT_NAMES)
+    res = cross_validate_baseline(
+        samples, ctx.classes, ctx.folds(), args.seed, args.protocol, ctx.dataset(samples), args.out
+    )
+    _print_result(res.report)
+    return res
+
+
+def cmd_ensemble(args):
+    from training.trainer import ensemble_reports, load_report
+
+    res = ensemble_reports([load_report(r) for r in args.reports], args.out)
+    _print_result(res.report)
+    return res
+
+
+def cmd_train_defaults(args) -> None:
+    from training.trainer import ensemble_reports
+
+    t0 = time.perf_counter()
+    ctx = Context(args)
+    ctx.samples(())  # fill the cache once (the only ASR pass)
+    rows = [cmd_baseline(args).report]
+    members = []
+    for model_id in args.models:
+        overrides = {}
+        res, samples = run_cv(ctx, model_id, overrides)
+        card, final = run_export(ctx, model_id, overrides, samples, res.report)
+        res.report["_final_seconds"] = final.seconds
+        rows.append(res.report)
+        members.append((res.report, card))
+        del samples
+    if len(members) >= 2:
+        ens = ensemble_reports([r for r, _ in members], args.out)
+        _print_result(ens.report)
+        rows.append(ens.report)
+        write_ensemble_card(Path(args.models_dir), ens.report, [c for _, c in members])
+    path = write_results(Path(args.models_dir) / "RESULTS.md", rows, ctx)
+    print(f"wrote {path} ({(time.perf_counter() - t0) / 60:.1f} min in all)")
+
+
+def write_ensemble_card(models_dir: Path, report: dict, cards: list[dict]) -> Path:
+    m = report["metrics"]
+    card = {
+        "id": "ensemble",
+        "variant": report["variant"],
+        "combination": "mean of the member models' probabilities",
+        "members": [
+            {"id": c["id"], "variant": c["variant"], "onnx": c["onnx"], "sha256": c["sha256"]} for c in cards
+        ],
+        "classes": report["classes"],
+        "feature_config": report["feature_config"],
+        "feature_config_digest": report["feature_config_digest"],
+        "training_data": cards[0]["training_data"],
+        "protocol": report["protocol"],
+        "cv_metrics": {
+            k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "per_class_recall", "confusion_matrix")
+        },
+        "date": report["created"],
+    }
+    path = models_dir / "ensemble.json"
+    path.write_text(json.dumps(card, indent=1))
+    return path
+
+
+def write_results(path: Path, reports: list[dict], ctx: Context) -> Path:
+    """models/RESULTS.md: one row per run report, with the paper's own figure for context."""
+    first = reports[0]
+    held = "; ".join(
+        f"fold {h['fold'] + 1}: {', '.join(h['test_speakers'])}" for h in first["protocol"]["held_out"]
+    )
+    ds = first["dataset"]
+    lines = [
+        "# Results",
+        "",
+        f"Data: {ds.get('kind')} `{ds.get('location')}`, {ds.get('labels')} ({', '.join(first['classes'])}), "
+        f"{ds.get('n_clips')} clips from {ds.get('n_speakers')} speakers.",
+        f"Protocol: {first['protocol']['name']}, {first['protocol']['n_folds']} folds, seed {first['protocol']['seed']}; "
+        f"held-out speakers per fold: {held}. Each fold picks its best epoch on 2 inner-validation training speakers.",
+        "`accuracy` = correct / all; `balanced_accuracy` = mean per-class recall (SPEC §3), both on pooled "
+        "out-of-fold predictions.",
+        "",
+        "| model | variant | accuracy | balanced_accuracy | paper's figure (accuracy / balanced_accuracy, their data and protocol) | training minutes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        m = r["metrics"]
+        fig = paper_figure(r["model"], r["variant"])
+        fig_txt = f"{fig[0]:.2f} / {fig[1]:.2f} ({fig[2]})" if fig else "-"
+        minutes = (r.get("train_seconds", 0.0) + r.get("_final_seconds", 0.0)) / 60
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {fig_txt} | {minutes:.1f} |"
+        )
+    lines += [
+        "",
+        "Training minutes: cross-validation (all folds) plus the final fit, on this machine's device "
+        f"({first.get('device', 'cpu')}). The papers' figures are on IEMOCAP, not RAVDESS: context, not a comparison.",
+    ]
+    if ds.get("kind") == "ravdess":
+        lines.append(
+            "Models trained on RAVDESS inherit its CC BY-NC-SA 4.0 licence (Livingstone & Russo 2018, PLoS ONE "
+            "13(5): e0196391): non-commercial use only."
+        )
+    lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+COMMANDS = {
+    "cache": cmd_cache,
+    "evaluate": cmd_evaluate,
+    "train": cmd_train,
+    "export": cmd_export,
+    "baseline": cmd_baseline,
+    "ensemble": cmd_ensemble,
+    "train-defaults": cmd_train_defaults,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    COMMANDS[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
