@@ -31,6 +31,7 @@ class SegmentOut(BaseModel):
     channel: int = Field(0, description="0 = mix or left (agent), 1 = right (customer)")
     text: str
     emotion: Emotion
+    words: list[WordOut] = Field(default_factory=list, description="this segment's words (with `words=true`)")
 
 
 class ModelInfo(BaseModel):
@@ -65,3 +66,46 @@ class PredictResponse(BaseModel):
 class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable code, e.g. unsupported_audio")
     detail: str = Field(description="what was wrong, for a human")
+
+
+class UtteranceResult(BaseModel):
+    """One analysed utterance (what ``EmotionService.analyze_utterance`` returns to REST and streaming).
+
+    Times are absolute: seconds from the start of the input or stream (``offset_s`` added).
+    ``to_store()`` gives the dict appended to the session store (the shape of a streaming ``final``).
+    """
+
+    channel: int = 0
+    start: float
+    end: float
+    text: str
+    language: str
+    words: list[WordOut] = Field(default_factory=list)
+    emotion: Emotion
+    timing_ms: Timing
+
+    @property
+    def duration_s(self) -> float:
+        return self.end - self.start
+
+    def to_segment(self, include_words: bool = False) -> SegmentOut:
+        return SegmentOut(
+            start=self.start,
+            end=self.end,
+            channel=self.channel,
+            text=self.text,
+            emotion=self.emotion,
+            words=list(self.words) if include_words else [],
+        )
+
+    def to_store(self, **extra) -> dict:
+        return {
+            "channel": self.channel,
+            "start": self.start,
+            "end": self.end,
+            "text": self.text,
+            "language": self.language,
+            "words": [w.model_dump() for w in self.words],
+            "emotion": self.emotion.model_dump(),
+            **extra,
+        }

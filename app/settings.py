@@ -7,11 +7,13 @@ uses the models shipped in ``models/``.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,12 +24,17 @@ class Settings(BaseSettings):
     # --- network -------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = open /v1 routes")
-    cors_origins: list[str] = Field(default_factory=list)
+    # Lists read from the environment as JSON (`["a","b"]`) or comma-separated (`a,b`).
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys; empty = open /v1 routes"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- models --------------------------------------------------------------------------
     model_dir: Path = REPO_ROOT / "models"
-    models: list[str] = Field(default_factory=lambda: ["cmt-awc", "ca-mser", "adf", "3m-ser"])
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["cmt-awc", "ca-mser", "adf", "3m-ser"]
+    )
     device: str = Field("auto", description="auto | cpu | cuda (ONNX Runtime and faster-whisper)")
     intra_op_threads: int = Field(0, description="ONNX Runtime intra-op threads per session; 0 = auto")
 
@@ -48,6 +55,20 @@ class Settings(BaseSettings):
     max_queue: int = 256
     request_timeout_s: float = 120.0
 
+    # --- inference service (engine, CPU budget, utterance splitting) ------------------------
+    inference_workers: int = Field(1, description="threads running model batches, shared by all models")
+    asr_max_queue: int = Field(256, description="jobs waiting for an ASR worker; beyond it -> 503")
+    warmup: bool = Field(True, description="one dummy request through ASR and every model before ready")
+    verify_models: bool = Field(
+        True, description="check each model's sha256 and feature digest against its card"
+    )
+    retry_after_s: int = Field(1, description="Retry-After seconds sent with 503 (queue full, not ready)")
+    max_utterance_s: float = Field(30.0, description="speech regions longer than this are split")
+    vad_threshold: float = 0.5
+    vad_min_silence_ms: int = 500
+    vad_speech_pad_ms: int = 200
+    log_level: str = "info"
+
     # --- input limits ---------------------------------------------------------------------
     max_upload_bytes: int = 50 * 1024 * 1024
     max_audio_seconds: float = 600.0
@@ -63,7 +84,38 @@ class Settings(BaseSettings):
     stream_idle_timeout_s: float = 30.0
     stream_max_utterance_s: float = 15.0
     stream_interim_every_s: float = 0.0
-    stream_max_backlog_s: float = 30.0
+    stream_max_backlog_s: float = Field(
+        30.0, description="audio awaiting analysis per stream; beyond it the server stops reading the socket"
+    )
+    stream_max_message_bytes: int = Field(64 * 1024, description="largest JSON (text) message from a client")
+    stream_max_streams: int = Field(64, description="concurrent WebSocket streams per process (1013 beyond)")
+    stream_partial_every_s: float = Field(
+        1.0, description="partial ASR pass every N s of new speech; 0 = off"
+    )
+    stream_vad_threshold: float = 0.5
+    stream_end_silence_ms: int = Field(350, description="silence that ends an utterance")
+    stream_min_speech_ms: int = Field(200, description="shorter speech bursts are ignored")
+    stream_pre_pad_ms: int = Field(200, description="audio kept before the detected speech start")
+    stream_post_pad_ms: int = Field(150, description="audio kept after the detected speech end")
+    stream_speculative_final: bool = Field(
+        True, description="start an utterance's analysis once post_pad of silence is seen, when idle"
+    )
+    stream_realtime_slack_s: float = Field(2.0, description="audio ahead of wall time before a warning")
+    store_ended_ttl_s: float = Field(7 * 86400.0, description="ended sessions are forgotten after this")
+    redis_prefix: str = "emotion:"
+    sessions_max_wait_s: float = Field(
+        60.0, description="cap on the long-poll wait of /v1/sessions/{id}/results"
+    )
+
+    @field_validator("api_keys", "cors_origins", "models", mode="before")
+    @classmethod
+    def _split_list(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
 
 @lru_cache(maxsize=1)

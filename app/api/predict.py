@@ -1,0 +1,197 @@
+"""``POST /v1/predict`` (and the identical ``POST /predict``): a whole audio file in, transcript and
+emotion out; ``GET /v1/models``: what is loaded.
+
+Options come as query parameters or as multipart form fields (a query parameter wins when both
+are given): ``models`` (comma-separated ids; default all + ensemble), ``channels`` (mix|separate),
+``words`` (bool), ``session_id`` (store each segment in that session and return the ``seq``s).
+
+Order of checks, cheapest first: API key, readiness, upload size, options, model ids, decoding and
+audio limits, then the work. Thread-safety: stateless handlers; blocking work (decode, VAD,
+ASR) runs in the service's worker pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from app.api.upload import read_upload
+from app.audio import AudioLimits, decode
+from app.errors import InvalidOptionError, NotReadyError, StoreUnavailableError
+from app.schemas import ErrorBody, PredictResponse
+from app.service import new_request_key
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # same rule as the streaming protocol
+
+router = APIRouter(tags=["predict"])
+
+
+class PredictOptions(BaseModel):
+    """Validated options of a predict request (from the query string and/or form fields)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    models: list[str] | None = None
+    channels: Literal["mix", "separate"] = "mix"
+    words: bool = False
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value or None
+
+
+def _options(query: dict[str, object], fields: dict[str, str]) -> PredictOptions:
+    merged = {k: v for k, v in fields.items() if k in PredictOptions.model_fields}
+    merged.update({k: v for k, v in query.items() if v is not None})
+    try:
+        return PredictOptions.model_validate(merged)
+    except ValidationError as exc:
+        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InvalidOptionError(msg) from None
+
+
+def _limits(settings) -> AudioLimits:
+    return AudioLimits(
+        max_seconds=settings.max_audio_seconds,
+        max_channels=settings.max_channels,
+        min_sample_rate=settings.min_sample_rate,
+        max_sample_rate=settings.max_sample_rate,
+    )
+
+
+_ERRORS = {
+    400: {"model": ErrorBody, "description": "malformed request, unknown model, missing file"},
+    401: {"model": ErrorBody, "description": "missing or wrong API key"},
+    413: {
+        "model": ErrorBody,
+        "description": "upload or audio too long (`upload_too_large`, `audio_too_long`)",
+    },
+    415: {"model": ErrorBody, "description": "not decodable as audio, or a wrong Content-Type"},
+    422: {"model": ErrorBody, "description": "bad audio (`empty_audio`, `no_speech`, ...) or a bad option"},
+    503: {"model": ErrorBody, "description": "loading or overloaded; see Retry-After"},
+    504: {"model": ErrorBody, "description": "not served before the request deadline"},
+}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "WAV, FLAC, OGG, MP3, M4A, ...",
+                        },
+                        "models": {"type": "string"},
+                        "channels": {"type": "string", "enum": ["mix", "separate"]},
+                        "words": {"type": "boolean"},
+                        "session_id": {"type": "string"},
+                    },
+                }
+            },
+            "audio/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def predict(
+    request: Request,
+    models: str | None = Query(
+        None, description="comma-separated model ids and/or `ensemble`; default all + ensemble"
+    ),
+    channels: Literal["mix", "separate"] | None = Query(
+        None, description="mix (default) or separate (stereo calls)"
+    ),
+    words: bool | None = Query(None, description="include word timings and confidences"),
+    session_id: str | None = Query(
+        None, pattern=SESSION_ID_PATTERN, description="store the segments in this session"
+    ),
+) -> PredictResponse:
+    app = request.app
+    settings, service = app.state.settings, app.state.service
+    if not service.ready:
+        raise NotReadyError("the models are still loading", retry_after=settings.retry_after_s)
+    upload = await read_upload(request, settings.max_upload_bytes)
+    opts = _options(
+        {"models": models, "channels": channels, "words": words, "session_id": session_id}, upload.fields
+    )
+    service.resolve_models(opts.models)  # unknown ids fail before any decoding
+    store = getattr(app.state, "store", None)
+    if opts.session_id and store is None:
+        raise StoreUnavailableError("sessions are not available on this server (no session store)")
+
+    key = new_request_key()  # decode, VAD and ASR of this request share one fair-queue identity
+    t0 = time.perf_counter()
+    audio = await service.engine.run_cpu(key, decode, upload.data, opts.channels, _limits(settings))
+    decode_ms = (time.perf_counter() - t0) * 1000.0
+    response, results = await service.predict_detailed(
+        audio, opts.models, opts.channels, opts.words, source="rest", decode_ms=decode_ms, key=key
+    )
+    if opts.session_id:
+        if await store.get_session(opts.session_id) is None:
+            await store.open_session(opts.session_id, source="rest")
+        response.session_id = opts.session_id
+        response.seq = [
+            await store.append_result(opts.session_id, u.to_store(source="rest")) for u in results
+        ]
+    return response
+
+
+_DOC = dict(
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra=_BODY,
+    summary="Transcript and emotion of an audio file",
+    description=(
+        "Upload audio as multipart field `file` or as the raw body with `Content-Type: audio/*`. Speech is split "
+        "into utterances (Silero VAD, <= 30 s) per channel; each gets a transcript and per-model emotion "
+        "probabilities; `emotion` is their duration-weighted mean. Errors are `{error, detail}`."
+    ),
+)
+router.add_api_route("/v1/predict", predict, methods=["POST"], **_DOC)
+router.add_api_route(
+    "/predict",
+    predict,
+    methods=["POST"],
+    include_in_schema=True,
+    **{**_DOC, "summary": "Alias of /v1/predict"},
+)
+
+
+class ModelsResponse(BaseModel):
+    models: list[dict]
+    classes: list[str]
+    ensemble: str = "ensemble"
+
+
+@router.get("/v1/models", response_model=ModelsResponse, summary="Loaded models and classes")
+async def list_models(request: Request) -> ModelsResponse:
+    service = request.app.state.service
+    if not service.ready:
+        raise NotReadyError(
+            "the models are still loading", retry_after=request.app.state.settings.retry_after_s
+        )
+    return ModelsResponse(
+        models=[
+            {
+                "id": c.id,
+                "variant": c.variant,
+                "sha256": c.sha256,
+                "inputs": list(c.inputs),
+                "provider": service.engine.runners[m].provider,
+            }
+            for m, c in service.engine.cards.items()
+        ],
+        classes=list(service.classes),
+    )

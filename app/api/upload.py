@@ -1,0 +1,98 @@
+"""Reading an uploaded audio file under a byte limit, before anything is decoded.
+
+Accepted bodies: ``multipart/form-data`` with the audio in field ``file`` (other fields are
+options), or the raw bytes with ``Content-Type: audio/*`` (or ``application/octet-stream``).
+The limit is enforced twice: a declared ``Content-Length`` above it is refused before reading a
+byte, and the bytes are counted while they stream in (chunked uploads declare no length), so an
+oversized upload is never read whole.
+
+Thread-safety: stateless coroutines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from app.errors import BadRequestError, MissingFileError, UnsupportedMediaTypeError, UploadTooLargeError
+
+RAW_TYPES = ("application/octet-stream",)
+MAX_FORM_FIELDS = 32
+
+
+@dataclass
+class Upload:
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def _too_large(limit: int) -> UploadTooLargeError:
+    return UploadTooLargeError(f"the upload exceeds the limit of {limit} bytes")
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise BadRequestError(f"invalid Content-Length {declared!r}") from None
+    if length > limit:
+        raise _too_large(limit)
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+async def read_upload(request: Request, limit: int) -> Upload:
+    check_content_length(request, limit)
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        parser = MultiPartParser(
+            request.headers,
+            _limited(request, limit),
+            max_files=1,
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=64 * 1024,
+        )
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise BadRequestError(f"malformed multipart body: {exc.message}") from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise MissingFileError("multipart body without a `file` part holding the audio")
+            data = await upload.read()
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            return Upload(data, upload.filename, upload.content_type, fields)
+        finally:
+            await form.close()
+    if media.startswith("audio/") or media in RAW_TYPES:
+        chunks = [chunk async for chunk in _limited(request, limit)]
+        return Upload(b"".join(chunks), None, media)
+    if not media:
+        body = [chunk async for chunk in _limited(request, limit)]
+        if not any(body):
+            raise MissingFileError(
+                "no audio: send multipart/form-data with a `file` part, or the raw bytes with Content-Type audio/*"
+            )
+        raise UnsupportedMediaTypeError(
+            "a raw body needs Content-Type audio/* (or use multipart field `file`)"
+        )
+    raise UnsupportedMediaTypeError(
+        f"unsupported Content-Type {media!r}: use multipart/form-data (field `file`) or audio/*"
+    )

@@ -1,0 +1,147 @@
+"""Command line: ``emotion-server serve | predict | stream``.
+
+* ``serve [--host --port --log-level]``: the HTTP server (uvicorn, one worker: the models, the ASR
+  pool and the batchers live in one process and share its cores).
+* ``predict FILE... [--models a,b] [--channels mix|separate] [--words]``: the same pipeline
+  in-process; one JSON object per line on stdout (the /v1/predict response plus ``file``; a failed
+  file gives ``{"file", "error", "detail"}``); exit status 1 when any file failed.
+* ``stream``: added by ``app.stream_client.add_parser`` when that module exists.
+
+Every subcommand sets ``func`` (``args -> exit status``) with ``set_defaults``.
+Thread-safety: a process entry point; ``predict`` runs one event loop with its own service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("app.cli")
+
+
+def _settings():
+    from app.settings import get_settings
+
+    return get_settings()
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = _settings()
+    level = (args.log_level or s.log_level).lower()
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host or s.host,
+        port=args.port or s.port,
+        workers=1,
+        log_level=level,
+        proxy_headers=True,
+    )
+    return 0
+
+
+# --- predict ------------------------------------------------------------------------------------
+
+
+async def _predict_files(args: argparse.Namespace, out) -> int:
+    from app.api.predict import _limits
+    from app.audio import decode
+    from app.errors import status_and_code
+    from app.service import EmotionService
+
+    settings = _settings()
+    service = EmotionService(settings)
+    await service.start()
+    failures = 0
+    try:
+        models = [m for m in (args.models or "").split(",") if m.strip()] or None
+        service.resolve_models(models)  # a bad --models is a usage error, not a per-file one
+        for path in args.files:
+            try:
+                t0 = time.perf_counter()
+                audio = await service.engine.run_cpu(None, decode, path, args.channels, _limits(settings))
+                decode_ms = (time.perf_counter() - t0) * 1000.0
+                response = await service.predict(
+                    audio, models, args.channels, args.words, source="cli", decode_ms=decode_ms
+                )
+                line = {"file": path, **response.model_dump(mode="json")}
+            except Exception as exc:
+                mapped = status_and_code(exc)
+                if mapped is None:
+                    log.exception("%s: unexpected error", path)
+                failures += 1
+                line = {"file": path, "error": mapped[1] if mapped else "internal_error", "detail": str(exc)}
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        await service.stop()
+    return 1 if failures else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from app.errors import UnknownModelError
+
+    try:
+        return asyncio.run(_predict_files(args, sys.stdout))
+    except UnknownModelError as exc:
+        print(f"emotion-server predict: {exc}", file=sys.stderr)
+        return 2
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emotion-server", description="Speech emotion recognition server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
+    serve.add_argument("--host", default=None, help="default: EMOTION_HOST or 127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default: EMOTION_PORT or 8000")
+    serve.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
+
+    pred = sub.add_parser("predict", help="analyse audio files in-process; JSON lines on stdout")
+    pred.add_argument("files", nargs="+", metavar="FILE")
+    pred.add_argument(
+        "--models", default=None, help="comma-separated model ids and/or ensemble (default: all)"
+    )
+    pred.add_argument("--channels", choices=["mix", "separate"], default="mix")
+    pred.add_argument("--words", action="store_true", help="include word timings")
+    pred.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    pred.set_defaults(func=cmd_predict)
+
+    # --- stream: provided by the streaming client (app/stream_client.py) -------------------------
+    # ``add_parser(subparsers)`` registers the ``stream`` subcommand and sets its ``func``.
+    try:
+        from app.stream_client import add_parser as add_stream_parser
+    except ImportError:
+        add_stream_parser = None  # not available in this build
+    if add_stream_parser is not None:
+        add_stream_parser(sub)
+    # ---------------------------------------------------------------------------------------------
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

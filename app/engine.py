@@ -1,0 +1,465 @@
+"""The inference engine: ONNX Runtime sessions, their batchers, the ASR pool, loading and warm-up.
+
+One ``ModelRunner`` (one ONNX Runtime session) per model id, each behind a ``DynamicBatcher``;
+one ``FairWorkPool`` for the CPU-heavy per-utterance work (decode, VAD, ``Analyzer.analyze``).
+
+CPU budget (the point of ``ThreadPlan``): ASR dominates the cost of a request, so on CPU it gets
+the cores (``asr_workers`` transcriptions at once, ``cores // asr_workers`` CTranslate2 threads
+each); the models share ``inference_workers`` threads (default 1) whose ONNX Runtime sessions use
+``cores // 4`` intra-op threads (at least 1) with spinning disabled, so an idle model session does
+not burn the cores ASR is using. Explicit settings (``asr_cpu_threads``, ``intra_op_threads``)
+override the plan.
+
+Execution provider: CUDA when ``device`` is ``auto`` or ``cuda`` and a probe session really runs on
+it (``get_available_providers()`` lists CUDA whenever the GPU build is installed, even without a
+GPU or CUDA libraries), else CPU. Each session logs the providers it actually got.
+
+Thread-safety: ``Engine`` is created in any thread but ``start``/``stop``/``infer``/``analyze`` belong
+to the asyncio loop that called ``start`` (its batchers are asyncio objects). ``ModelRunner.run`` is
+thread-safe (ONNX Runtime sessions allow concurrent ``run``), and is called from the inference
+executor threads. ``ModelCard`` is immutable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app import metrics
+from app.batching import DynamicBatcher
+from app.errors import InferenceError, NotReadyError, ServiceError
+from app.model_inputs import collate, model_inputs
+from app.workpool import FairWorkPool
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+class ModelLoadError(ServiceError):
+    """A model file or card is missing, inconsistent, or does not load."""
+
+    status = 500
+    code = "model_load_failed"
+
+
+# --------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The parts of ``models/<id>.json`` the server uses (the file holds more: training, metrics...)."""
+
+    id: str
+    variant: str
+    classes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    sha256: str
+    feature_config_digest: str
+    onnx_path: Path
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def load(cls, model_dir: Path, model_id: str) -> ModelCard:
+        card_path = Path(model_dir) / f"{model_id}.json"
+        if not card_path.is_file():
+            raise ModelLoadError(f"model {model_id}: no card at {card_path}")
+        try:
+            raw = json.loads(card_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {model_id}: unreadable card {card_path}: {exc}") from exc
+        if raw.get("id", model_id) != model_id:
+            raise ModelLoadError(f"model {model_id}: card {card_path} describes {raw.get('id')!r}")
+        classes = tuple(str(c) for c in raw.get("classes") or ())
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ModelLoadError(f"model {model_id}: card needs two or more distinct classes, got {classes}")
+        inputs = tuple(i["name"] if isinstance(i, dict) else str(i) for i in raw.get("inputs") or ())
+        digest = raw.get("feature_config_digest") or (raw.get("feature_config") or {}).get("digest", "")
+        onnx_path = Path(model_dir) / (raw.get("onnx") or f"{model_id}.onnx")
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"model {model_id}: no ONNX file at {onnx_path}")
+        return cls(
+            id=model_id,
+            variant=str(raw.get("variant", "")),
+            classes=classes,
+            inputs=inputs,
+            sha256=str(raw.get("sha256", "")),
+            feature_config_digest=str(digest),
+            onnx_path=onnx_path,
+            raw=raw,
+        )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Threads and providers
+# --------------------------------------------------------------------------------------------
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    cores: int
+    asr_workers: int
+    asr_threads: int
+    inference_workers: int
+    ort_intra_threads: int
+
+    @classmethod
+    def from_settings(cls, settings, cores: int | None = None) -> ThreadPlan:
+        cores = cores or available_cores()
+        asr_workers = max(1, settings.asr_workers)
+        return cls(
+            cores=cores,
+            asr_workers=asr_workers,
+            asr_threads=settings.asr_cpu_threads or max(1, cores // asr_workers),
+            inference_workers=max(1, settings.inference_workers),
+            ort_intra_threads=settings.intra_op_threads or max(1, cores // 4),
+        )
+
+
+def choose_providers(device: str) -> list[str]:
+    """ONNX Runtime providers to request for ``device`` (auto | cpu | cuda).
+
+    ``get_available_providers()`` lists CUDA whenever the GPU build is installed, even without a GPU
+    or CUDA libraries; whether CUDA really works is only known once a session is created, so the
+    engine checks ``session.get_providers()`` afterwards (see ``Engine._load``).
+    """
+    import onnxruntime as ort
+
+    device = (device or "auto").lower()
+    if device not in ("auto", "cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {device!r}: expected auto, cpu or cuda")
+    if device == "cpu":
+        return [CPU]
+    if CUDA in ort.get_available_providers():
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise ModelLoadError("device=cuda but this ONNX Runtime build has no CUDA provider")
+    return [CPU]
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------
+
+
+class ModelRunner:
+    """One ONNX Runtime session; ``run`` takes per-utterance input dicts and returns probabilities.
+
+    Only the inputs the graph declares (``session.get_inputs()``) are collated and fed; the rest of
+    the vocabulary of ``app.model_inputs`` is ignored. Probabilities come back in ``classes`` order.
+    Thread-safety: ``run`` may be called from several threads at once.
+    """
+
+    def __init__(
+        self, card: ModelCard, providers: Sequence[str], intra_op_threads: int, classes: Sequence[str]
+    ):
+        import onnxruntime as ort
+
+        self.card = card
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        # Idle intra-op threads spin by default, stealing CPU from ASR running beside them.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(card.onnx_path), opts, providers=list(providers))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {card.id}: ONNX Runtime cannot load {card.onnx_path}: {exc}"
+            ) from exc
+        self.providers = self.session.get_providers()
+        self.provider = self.providers[0]
+        self.inputs = [(i.name, _ORT_DTYPES.get(i.type, np.float32)) for i in self.session.get_inputs()]
+        self.input_names = [name for name, _ in self.inputs]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = "probabilities" if "probabilities" in outputs else outputs[0]
+        if card.inputs and set(card.inputs) != set(self.input_names):
+            raise ModelLoadError(
+                f"model {card.id}: card inputs {sorted(card.inputs)} != graph inputs {sorted(self.input_names)}"
+            )
+        # Align this model's class order to the service's (all models must share one class set).
+        if set(card.classes) != set(classes):
+            raise ModelLoadError(f"model {card.id}: classes {card.classes} differ from {tuple(classes)}")
+        self.order = np.array([card.classes.index(c) for c in classes])
+        log.info(
+            "model %s (%s): providers %s (requested %s), inputs %s",
+            card.id,
+            card.variant or "default",
+            self.providers,
+            list(providers),
+            self.input_names,
+        )
+
+    def run(self, samples: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        try:
+            batch = collate(samples, self.input_names)
+        except KeyError as exc:
+            raise InferenceError(
+                f"model {self.card.id} needs input {exc} that the pipeline does not provide"
+            ) from exc
+        feed = {name: batch[name].astype(dtype, copy=False) for name, dtype in self.inputs}
+        try:
+            (probs,) = self.session.run([self.output_name], feed)
+        except Exception as exc:
+            raise InferenceError(f"model {self.card.id} failed: {exc}") from exc
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.shape != (len(samples), len(self.order)):
+            raise InferenceError(
+                f"model {self.card.id}: output shape {probs.shape}, expected {(len(samples), len(self.order))}"
+            )
+        if not np.isfinite(probs).all():
+            raise InferenceError(f"model {self.card.id} returned non-finite probabilities")
+        probs = np.clip(probs[:, self.order], 0.0, None)
+        sums = probs.sum(axis=1, keepdims=True)
+        if (sums <= 0).any():
+            raise InferenceError(f"model {self.card.id} returned all-zero probabilities")
+        return list(probs / sums)  # exact normalisation: float32 softmax sums drift by ~1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+def warmup_audio(seconds: float = 1.0) -> np.ndarray:
+    """Deterministic, speech-like enough input for warm-up: a 200-Hz harmonic tone plus noise."""
+    t = np.arange(int(16000 * seconds)) / 16000.0
+    tone = sum(np.sin(2 * np.pi * 200 * k * t) / k for k in range(1, 6))
+    noise = np.random.default_rng(0).standard_normal(len(t))
+    return (0.1 * tone + 0.01 * noise).astype(np.float32)
+
+
+class Engine:
+    """Loads the models and the Analyzer, runs warm-up, and serves ``analyze`` / ``infer``."""
+
+    def __init__(self, settings, analyzer=None):
+        self.settings = settings
+        self.plan = ThreadPlan.from_settings(settings)
+        self.analyzer = analyzer
+        self.cards: dict[str, ModelCard] = {}
+        self.runners: dict[str, ModelRunner] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.classes: tuple[str, ...] = ()
+        self.pool: FairWorkPool | None = None
+        self.providers: list[str] = [CPU]
+        self._executor: ThreadPoolExecutor | None = None
+        self.ready = False
+        self.state = "created"  # created | loading | ready | failed | stopped
+        self.error: str | None = None
+        self._lock = asyncio.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load everything, warm up, and mark ready. Idempotent; raises on failure (state 'failed')."""
+        async with self._lock:
+            if self.ready:
+                return
+            self.state, self.error = "loading", None
+            t0 = time.perf_counter()
+            try:
+                await asyncio.to_thread(self._load)
+                s = self.settings
+                self.pool = FairWorkPool(
+                    workers=self.plan.asr_workers,
+                    max_queue=s.asr_max_queue,
+                    name="asr",
+                    default_timeout_s=s.request_timeout_s,
+                    retry_after_s=s.retry_after_s,
+                )
+                self._executor = ThreadPoolExecutor(
+                    self.plan.inference_workers, thread_name_prefix="inference"
+                )
+                for mid, runner in self.runners.items():
+                    batcher = DynamicBatcher(
+                        mid,
+                        runner.run,
+                        max_batch_size=s.max_batch_size,
+                        max_wait_s=s.max_batch_wait_ms / 1000.0,
+                        max_queue=s.max_queue,
+                        default_timeout_s=s.request_timeout_s,
+                        executor=self._executor,
+                        retry_after_s=s.retry_after_s,
+                    )
+                    batcher.start()
+                    self.batchers[mid] = batcher
+                if s.warmup:
+                    await self.warmup()
+            except Exception as exc:
+                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                log.exception("engine start-up failed")
+                await self._teardown()
+                raise
+            self.ready, self.state = True, "ready"
+            metrics.READY.set(1)
+            log.info("engine ready in %.1f s (models: %s)", time.perf_counter() - t0, ", ".join(self.runners))
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        s = self.settings
+        log.info("ONNX Runtime %s, available providers: %s", ort.__version__, ort.get_available_providers())
+        log.info("thread plan: %s", self.plan)
+        if not s.models:
+            raise ModelLoadError("no models configured (EMOTION_MODELS is empty)")
+        cards = {mid: ModelCard.load(Path(s.model_dir), mid) for mid in s.models}
+        if self.analyzer is None:
+            self.analyzer = self._build_analyzer()
+        digest = self.analyzer.config.digest()
+        for card in cards.values():
+            if not s.verify_models:
+                break
+            if card.sha256 and sha256_file(card.onnx_path) != card.sha256:
+                raise ModelLoadError(
+                    f"model {card.id}: {card.onnx_path} does not match the sha256 in its card"
+                )
+            if card.feature_config_digest and card.feature_config_digest != digest:
+                raise ModelLoadError(
+                    f"model {card.id} was trained on features {card.feature_config_digest}, "
+                    f"the server computes {digest}: retrain or export it again"
+                )
+        self.providers = choose_providers(s.device)
+        self.classes = next(iter(cards.values())).classes
+        runners = {}
+        for mid, card in cards.items():
+            quiet = CUDA in self.providers and s.device == "auto" and not runners
+            if quiet:  # a CUDA provider that cannot load logs an ERROR per session; we explain it once below
+                ort.set_default_logger_severity(4)
+            try:
+                runner = ModelRunner(card, self.providers, self.plan.ort_intra_threads, self.classes)
+            finally:
+                if quiet:
+                    ort.set_default_logger_severity(2)
+            if CUDA in self.providers and runner.provider != CUDA:
+                if s.device == "cuda":
+                    raise ModelLoadError(
+                        f"device=cuda but model {mid} could not run on CUDA (CUDA/cuDNN libraries or GPU missing)"
+                    )
+                log.warning(
+                    "CUDA is listed by ONNX Runtime but unusable here (no GPU or CUDA/cuDNN libraries): using CPU"
+                )
+                self.providers = [CPU]
+            runners[mid] = runner
+            metrics.MODEL_INFO.labels(model=mid, variant=card.variant, provider=runner.provider).set(1)
+        self.cards, self.runners = cards, runners
+
+    def _build_analyzer(self):
+        from app.asr import Recognizer
+        from app.pipeline import Analyzer
+        from app.text import TextEncoder
+
+        s = self.settings
+        recognizer = Recognizer(
+            model_path=s.asr_model or None,
+            device=s.device,
+            compute_type=s.asr_compute_type,
+            beam_size=s.asr_beam_size,
+            language=s.asr_language,
+            cpu_threads=self.plan.asr_threads,
+            num_workers=self.plan.asr_workers,
+        )
+        # The text encoder runs right after ASR in the same worker, so it uses ASR's thread share.
+        text_encoder = TextEncoder(s.text_model or None, providers=[CPU], threads=self.plan.asr_threads)
+        return Analyzer(recognizer, text_encoder)
+
+    async def warmup(self) -> None:
+        """One dummy utterance through ASR and every model (first-run allocations, lazy inits)."""
+        t0 = time.perf_counter()
+        analysis = await self.analyze(warmup_audio(), key="warmup")
+        inputs = model_inputs(analysis, max_words=self.analyzer.config.max_words)
+        for mid, batcher in self.batchers.items():
+            probs = await batcher.submit(inputs)
+            log.info("warm-up %s: %s", mid, np.round(probs, 3).tolist())
+        # Silero VAD loads lazily: load it now rather than on the first request.
+        from app.asr import speech_regions
+
+        await self.pool.run("warmup", speech_regions, warmup_audio())
+        log.info("warm-up done in %.2f s", time.perf_counter() - t0)
+
+    async def stop(self) -> None:
+        async with self._lock:
+            await self._teardown()
+            self.state = "stopped"
+
+    async def _teardown(self) -> None:
+        self.ready = False
+        metrics.READY.set(0)
+        for batcher in self.batchers.values():
+            await batcher.stop()
+        self.batchers = {}
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.shutdown)
+            self.pool = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # --- work --------------------------------------------------------------------------------
+
+    def _require_pool(self) -> FairWorkPool:
+        if self.pool is None:
+            raise NotReadyError("the models are still loading", retry_after=self.settings.retry_after_s)
+        return self.pool
+
+    async def run_cpu(self, key: Hashable | None, fn, *args: Any, timeout_s: float | None = None) -> Any:
+        """Run blocking CPU work (decode, VAD) in the fair ASR pool."""
+        return await self._require_pool().run(key, fn, *args, timeout_s=timeout_s)
+
+    async def analyze(self, audio: np.ndarray, key: Hashable | None = None, timeout_s: float | None = None):
+        """``Analyzer.analyze`` (ASR + text + acoustic features) in the fair ASR pool."""
+        pool = self._require_pool()
+        analysis = await pool.run(key, self.analyzer.analyze, audio, timeout_s=timeout_s)
+        metrics.ASR_SECONDS.observe(analysis.timing_ms.get("asr", 0.0) / 1000.0)
+        metrics.FEATURE_SECONDS.observe(
+            (analysis.timing_ms.get("text", 0.0) + analysis.timing_ms.get("features", 0.0)) / 1000.0
+        )
+        return analysis
+
+    async def infer(
+        self, model_id: str, inputs: dict[str, np.ndarray], timeout_s: float | None = None
+    ) -> np.ndarray:
+        """Probabilities (in ``self.classes`` order) of one model for one utterance, via its batcher."""
+        batcher = self.batchers.get(model_id)
+        if batcher is None:
+            raise NotReadyError(f"model {model_id} is not loaded", retry_after=self.settings.retry_after_s)
+        return await batcher.submit(inputs, timeout_s=timeout_s)

@@ -1,0 +1,126 @@
+"""The FastAPI application: ``create_app(settings=None, service=None)``.
+
+Start-up (lifespan): open the session store (when ``app.store`` provides ``open_store``), then load
+the models and warm them up *in the background*, so ``/healthz`` answers at once and ``/readyz``
+turns 200 when everything is ready (503 before, or after a failed start, with the reason).
+Shutdown stops the engine and closes the store.
+
+Routes: ``/healthz``, ``/readyz``, ``/metrics`` (open); ``/v1/predict``, ``/predict``, ``/v1/models``
+and the streaming/session routers when their modules exist (API key when configured).
+OpenAPI docs at ``/docs``. ``app.state`` holds ``settings``, ``service`` and ``store``.
+
+Thread-safety: one app per event loop; the service passed in must not have been started on
+another loop (its batchers are asyncio objects): the lifespan starts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.api import errors as api_errors
+from app.api import health, predict
+from app.api import metrics as api_metrics
+from app.api.auth import require_api_key
+from app.service import EmotionService
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_UNSET = object()
+
+# Routers other packages provide; included when present, behind the API key.
+OPTIONAL_ROUTERS = ("app.api.stream", "app.api.sessions")
+
+
+async def open_session_store(settings: Settings):
+    """``app.store.open_store(settings)`` if that package provides it, else None (sessions disabled)."""
+    try:
+        from app.store import open_store
+    except ImportError as exc:
+        log.warning("no session store (%s): session_id is not available", exc)
+        return None
+    store = open_store(settings)
+    if inspect.isawaitable(store):
+        store = await store
+    return store
+
+
+async def _start_service(service: EmotionService) -> None:
+    try:
+        await service.start()
+    except Exception:  # logged by the engine; /readyz reports it
+        log.error("the service failed to start; /readyz stays 503")
+
+
+def create_app(
+    settings: Settings | None = None, service: EmotionService | None = None, store=_UNSET
+) -> FastAPI:
+    """Build the app. ``store`` (tests): a SessionStore to use instead of opening one; None = none."""
+    settings = settings or get_settings()
+    service = service or EmotionService(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        opened = store is _UNSET
+        app.state.store = await open_session_store(settings) if opened else store
+        app.state.start_task = asyncio.create_task(_start_service(service), name="service-start")
+        try:
+            yield
+        finally:
+            task = app.state.start_task
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await service.stop()
+            if opened and app.state.store is not None:
+                await app.state.store.close()
+
+    app = FastAPI(
+        title="Speech emotion recognition",
+        version="0.1.0",
+        description=(
+            "Transcript and emotion (neutral, happy, sad, angry) of speech, from four published multimodal "
+            "models and their ensemble. Errors are JSON `{error, detail}`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.store = None if store is _UNSET else store
+
+    api_errors.install(app)
+    app.add_middleware(api_metrics.MetricsMiddleware)  # outside ErrorMiddleware: sees final statuses
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
+
+    app.include_router(health.router)
+    app.include_router(api_metrics.router)
+    secured = [Depends(require_api_key)]
+    app.include_router(predict.router, dependencies=secured)
+    for name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                log.exception("router %s cannot be imported; its routes are missing", name)
+            continue
+        except Exception:  # a broken optional module must not take the whole API down
+            log.exception("router %s cannot be imported; its routes are missing", name)
+            continue
+        router = getattr(module, "router", None)
+        if router is not None:
+            app.include_router(router, dependencies=secured)
+    return app

@@ -1,0 +1,349 @@
+"""The orchestration that REST, the CLI and streaming share: audio in, transcript + emotion out.
+
+``EmotionService.analyze_utterance`` runs one utterance (<= 30 s, 16 kHz mono) through
+``Analyzer.analyze`` in the fair ASR pool, then through the batcher of every requested model, and
+returns an ``UtteranceResult`` (transcript, words with absolute times, per-model and mean
+probabilities, timings). ``predict`` handles a whole input: it finds speech regions with Silero
+VAD per channel, analyses each region as one utterance (all of them concurrently, scheduled
+fairly against other requests), and combines them: the whole-input emotion is the mean of the
+segments' probabilities weighted by segment duration.
+
+Model selection (``models``): ``None`` or empty = every loaded model plus ``ensemble``; otherwise
+the listed model ids, and ``ensemble`` in the list adds an ``ensemble`` entry to ``per_model``
+(a list of only ``ensemble`` means every model plus the ensemble). The top-level
+``label``/``probabilities`` are always the mean over the requested models (the single model's own
+probabilities when only one is requested).
+
+Thread-safety: an ``EmotionService`` belongs to the asyncio loop that ``start``s it (like its
+``Engine``); its coroutines may run concurrently on that loop. Blocking work runs in the engine's
+thread pools, never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Hashable, Iterable, Sequence
+
+import numpy as np
+
+from app import metrics
+from app.asr import SpeechRegion, speech_regions
+from app.audio import SAMPLE_RATE, Audio, ChannelMode
+from app.engine import Engine
+from app.errors import NoSpeechError, NotReadyError, UnknownModelError
+from app.model_inputs import model_inputs
+from app.schemas import Emotion, ModelEmotion, ModelInfo, PredictResponse, Timing, UtteranceResult, WordOut
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE = "ensemble"
+_request_ids = itertools.count()
+
+
+def new_request_key() -> str:
+    """A fresh client identity for the fair ASR pool (one per REST request)."""
+    return f"req-{next(_request_ids)}"
+
+
+def _ms() -> float:
+    return time.perf_counter() * 1000.0
+
+
+def _label(classes: Sequence[str], probs: np.ndarray) -> str:
+    return classes[int(np.argmax(probs))]
+
+
+def _probs_dict(classes: Sequence[str], probs: np.ndarray) -> dict[str, float]:
+    return {c: float(p) for c, p in zip(classes, probs, strict=True)}
+
+
+def _normalise(probs: np.ndarray) -> np.ndarray:
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 0.0, None)
+    return probs / probs.sum()
+
+
+def make_emotion(classes: Sequence[str], per_model: dict[str, np.ndarray], include_ensemble: bool) -> Emotion:
+    """Emotion from per-model probability vectors (all in ``classes`` order)."""
+    mean = _normalise(np.mean(np.stack(list(per_model.values())), axis=0))
+    entries = {
+        mid: ModelEmotion(label=_label(classes, p), probabilities=_probs_dict(classes, p))
+        for mid, p in per_model.items()
+    }
+    if include_ensemble:
+        entries[ENSEMBLE] = ModelEmotion(
+            label=_label(classes, mean), probabilities=_probs_dict(classes, mean)
+        )
+    return Emotion(label=_label(classes, mean), probabilities=_probs_dict(classes, mean), per_model=entries)
+
+
+def weighted_emotion(
+    classes: Sequence[str], emotions: Sequence[Emotion], weights: Sequence[float]
+) -> Emotion:
+    """Duration-weighted mean of several segments' emotions (same models in each)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+
+    def mean_of(vectors: Iterable[dict[str, float]]) -> np.ndarray:
+        arr = np.array([[v[c] for c in classes] for v in vectors])
+        return _normalise((arr * w[:, None]).sum(axis=0))
+
+    top = mean_of(e.probabilities for e in emotions)
+    per_model = {}
+    for mid in emotions[0].per_model:
+        p = mean_of(e.per_model[mid].probabilities for e in emotions)
+        per_model[mid] = ModelEmotion(label=_label(classes, p), probabilities=_probs_dict(classes, p))
+    return Emotion(label=_label(classes, top), probabilities=_probs_dict(classes, top), per_model=per_model)
+
+
+def split_long(regions: Sequence[SpeechRegion], max_samples: int) -> list[SpeechRegion]:
+    """Cut regions longer than ``max_samples`` into equal parts (VAD already caps them; a safety net)."""
+    out = []
+    for r in regions:
+        n = r.end - r.start
+        parts = max(1, -(-n // max_samples))
+        bounds = np.linspace(r.start, r.end, parts + 1).astype(int)
+        out += [SpeechRegion(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return out
+
+
+class EmotionService:
+    """Facade over the ``Engine``: model selection, utterance analysis, whole-input prediction."""
+
+    def __init__(self, settings=None, engine: Engine | None = None, analyzer=None):
+        from app.settings import get_settings
+
+        self.settings = settings or get_settings()
+        self.engine = engine or Engine(self.settings, analyzer=analyzer)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    @property
+    def state(self) -> str:
+        return self.engine.state
+
+    @property
+    def error(self) -> str | None:
+        return self.engine.error
+
+    @property
+    def model_ids(self) -> list[str]:
+        return list(self.engine.runners)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.engine.classes
+
+    def model_infos(self, model_ids: Iterable[str] | None = None) -> list[ModelInfo]:
+        ids = self.model_ids if model_ids is None else list(model_ids)
+        cards = self.engine.cards
+        return [ModelInfo(id=m, variant=cards[m].variant, sha256=cards[m].sha256) for m in ids]
+
+    def resolve_models(self, models: Sequence[str] | None) -> tuple[list[str], bool]:
+        """(model ids to run, include the ensemble entry); raises ``UnknownModelError``."""
+        if not self.ready:
+            raise NotReadyError("the models are still loading", retry_after=self.settings.retry_after_s)
+        requested = [m.strip() for m in (models or []) if m and m.strip()]
+        if not requested:
+            return self.model_ids, True
+        unknown = [m for m in requested if m != ENSEMBLE and m not in self.engine.runners]
+        if unknown:
+            raise UnknownModelError(
+                f"unknown model(s) {', '.join(sorted(set(unknown)))}; available: {', '.join(self.model_ids + [ENSEMBLE])}"
+            )
+        ids = list(dict.fromkeys(m for m in requested if m != ENSEMBLE))  # de-duplicated, in order
+        return (ids or self.model_ids), ENSEMBLE in requested
+
+    # --- one utterance -------------------------------------------------------------------------
+
+    async def analyze_utterance(
+        self,
+        audio16k: np.ndarray,
+        models: Sequence[str] | None = None,
+        channel: int = 0,
+        offset_s: float = 0.0,
+        *,
+        key: Hashable | None = None,
+        source: str = "stream",
+        timeout_s: float | None = None,
+        count_audio: bool = True,
+    ) -> UtteranceResult:
+        """Transcript + emotion of one utterance (16-kHz mono float32, <= ``max_utterance_s``).
+
+        ``key`` groups jobs for fair ASR scheduling (e.g. one per stream); ``source`` labels the
+        audio-seconds metric. Raises ``UnknownModelError``, ``QueueFull``, ``DeadlineExceededError``.
+        """
+        ids, include_ensemble = self.resolve_models(models)
+        audio16k = np.ascontiguousarray(audio16k, dtype=np.float32).reshape(-1)
+        duration = len(audio16k) / SAMPLE_RATE
+        analysis = await self.engine.analyze(audio16k, key=key, timeout_s=timeout_s)
+        t0 = _ms()
+        inputs = model_inputs(analysis, max_words=self.engine.analyzer.config.max_words)
+        probs = await asyncio.gather(*(self.engine.infer(mid, inputs, timeout_s=timeout_s) for mid in ids))
+        inference_ms = _ms() - t0
+        if count_audio:  # predict() counts its whole input instead
+            metrics.AUDIO_SECONDS.labels(source=source).inc(duration)
+        metrics.UTTERANCES.labels(source=source).inc()
+
+        words, last = [], 0.0
+        for w in analysis.transcript.words:
+            # Whisper may place a word slightly outside the clip or out of order: clamp, keep monotonic.
+            start = min(max(w.start, last), duration)
+            end = min(max(w.end, start), duration)
+            last = start
+            words.append(
+                WordOut(
+                    word=w.word,
+                    start=round(offset_s + start, 3),
+                    end=round(offset_s + end, 3),
+                    confidence=w.confidence,
+                )
+            )
+        timing = analysis.timing_ms
+        return UtteranceResult(
+            channel=channel,
+            start=round(offset_s, 3),
+            end=round(offset_s + duration, 3),
+            text=analysis.transcript.text,
+            language=analysis.transcript.language,
+            words=words,
+            emotion=make_emotion(self.classes, dict(zip(ids, probs, strict=True)), include_ensemble),
+            timing_ms=Timing(
+                asr=timing.get("asr", 0.0),
+                features=timing.get("text", 0.0) + timing.get("features", 0.0),
+                inference=inference_ms,
+                total=sum(timing.values()) + inference_ms,
+            ),
+        )
+
+    async def transcribe(
+        self, audio16k: np.ndarray, key: Hashable | None = None, timeout_s: float | None = None
+    ):
+        """ASR only (e.g. streaming partials), in the same fair pool: returns an ``app.asr.Transcript``."""
+        recognizer = self.engine.analyzer.recognizer
+        return await self.engine.run_cpu(
+            key, recognizer.transcribe, np.asarray(audio16k, np.float32), timeout_s=timeout_s
+        )
+
+    # --- a whole input -------------------------------------------------------------------------
+
+    def _regions(self, samples: np.ndarray) -> list[SpeechRegion]:
+        s = self.settings
+        max_s = s.max_utterance_s
+        regions = speech_regions(
+            samples,
+            threshold=s.vad_threshold,
+            min_silence_ms=s.vad_min_silence_ms,
+            speech_pad_ms=s.vad_speech_pad_ms,
+            max_speech_s=max_s,
+        )
+        return split_long(regions, int(max_s * SAMPLE_RATE))
+
+    async def predict(
+        self,
+        audio: Audio,
+        models: Sequence[str] | None = None,
+        channels: ChannelMode = "mix",
+        include_words: bool = False,
+        *,
+        source: str = "rest",
+        decode_ms: float = 0.0,
+        key: Hashable | None = None,
+    ) -> PredictResponse:
+        """Split ``audio`` into utterances per channel, analyse them, and combine the results.
+
+        Raises ``NoSpeechError`` when no channel contains speech (a silent channel in ``separate``
+        mode simply contributes no segment).
+        """
+        response, _ = await self.predict_detailed(
+            audio, models, channels, include_words, source=source, decode_ms=decode_ms, key=key
+        )
+        return response
+
+    async def predict_detailed(
+        self,
+        audio: Audio,
+        models: Sequence[str] | None = None,
+        channels: ChannelMode = "mix",
+        include_words: bool = False,
+        *,
+        source: str = "rest",
+        decode_ms: float = 0.0,
+        key: Hashable | None = None,
+    ) -> tuple[PredictResponse, list[UtteranceResult]]:
+        """``predict`` plus the per-utterance results, in time order (the REST route stores them).
+
+        ``key`` (default: a new one) is this request's identity in the fair ASR pool.
+        """
+        t0 = _ms()
+        ids, include_ensemble = self.resolve_models(models)
+        if channels == "separate":
+            tracks = [audio.samples[c] for c in range(audio.samples.shape[0])]
+        else:
+            tracks = [audio.mono]
+        key = key if key is not None else new_request_key()
+
+        tv = _ms()
+        per_channel = await asyncio.gather(*(self.engine.run_cpu(key, self._regions, t) for t in tracks))
+        vad_ms = _ms() - tv
+        jobs = [(c, r) for c, regions in enumerate(per_channel) for r in regions]
+        metrics.AUDIO_SECONDS.labels(source=source).inc(audio.duration_s)
+        if not jobs:
+            raise NoSpeechError("no speech was detected in the audio")
+
+        requested = ids + ([ENSEMBLE] if include_ensemble else [])
+        # A long input may hold hundreds of utterances: keep only a few of them queued at a time,
+        # enough to keep every ASR worker busy, so one request cannot fill the bounded ASR queue.
+        in_flight = asyncio.Semaphore(2 * self.engine.plan.asr_workers)
+
+        async def one(c: int, r: SpeechRegion) -> UtteranceResult:
+            async with in_flight:
+                return await self.analyze_utterance(
+                    tracks[c][r.start : r.end],
+                    requested,
+                    channel=c,
+                    offset_s=r.start / SAMPLE_RATE,
+                    key=key,
+                    source=source,
+                    count_audio=False,
+                )
+
+        results: list[UtteranceResult] = list(await asyncio.gather(*(one(c, r) for c, r in jobs)))
+        results.sort(key=lambda u: (u.start, u.channel))
+        emotion = weighted_emotion(
+            self.classes, [u.emotion for u in results], [u.duration_s for u in results]
+        )
+        words = (
+            sorted((w for u in results for w in u.words), key=lambda w: (w.start, w.end))
+            if include_words
+            else []
+        )
+        timing = Timing(  # stages summed over segments (they overlap in time); VAD counts as asr
+            decode=decode_ms,
+            asr=vad_ms + sum(u.timing_ms.asr for u in results),
+            features=sum(u.timing_ms.features for u in results),
+            inference=sum(u.timing_ms.inference for u in results),
+            total=decode_ms + (_ms() - t0),
+        )
+        return PredictResponse(
+            duration_s=round(audio.duration_s, 3),
+            transcript=" ".join(u.text for u in results if u.text).strip(),
+            language=results[0].language or (self.settings.asr_language or ""),
+            words=words,
+            segments=[u.to_segment(include_words) for u in results],
+            emotion=emotion,
+            models=self.model_infos(ids),
+            timing_ms=timing,
+        ), results

@@ -1,0 +1,158 @@
+"""Pieces shared by the store backends: errors, the public session view, long-poll wake-ups.
+
+A backend keeps, per session, a handful of raw fields (see ``RawSession``) and turns them into the
+public dict with ``session_view`` so that both backends answer byte-for-byte the same shape:
+
+``id, state, source, created_at, updated_at, ended_at, duration_s, audio_duration_s, metadata,
+channels, result_count, last_seq, emotion {n, label, counts, mean_probabilities}, last_result``.
+
+Times are Unix seconds (float). ``duration_s`` is wall time from creation to the end (or to now
+while active); ``audio_duration_s`` is the largest result ``end`` seen (audio time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVE = "active"
+ENDED = "ended"
+STATES = (ACTIVE, ENDED)
+SOURCES = ("stream", "rest")
+
+
+class SessionNotFound(KeyError):
+    """The session does not exist (never created, deleted, or expired)."""
+
+
+def check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
+    return source
+
+
+def check_state(state: str | None) -> str | None:
+    if state is not None and state not in STATES:
+        raise ValueError(f"state must be one of {STATES}, not {state!r}")
+    return state
+
+
+@dataclass(frozen=True)
+class ResultStats:
+    """What a result contributes to its session's running aggregates."""
+
+    channel: int
+    end: float
+    label: str | None
+    probabilities: dict[str, float]
+
+    @classmethod
+    def of(cls, result: Mapping[str, Any]) -> ResultStats:
+        emotion = result.get("emotion") or {}
+        if hasattr(emotion, "model_dump"):  # tolerate a pydantic Emotion, not only its dict
+            emotion = emotion.model_dump()
+        probs = {str(k): float(v) for k, v in (emotion.get("probabilities") or {}).items()}
+        label = emotion.get("label") or None
+        return cls(
+            channel=int(result.get("channel", 0) or 0),
+            end=float(result.get("end", 0.0) or 0.0),
+            label=str(label) if label else None,
+            probabilities=probs,
+        )
+
+
+@dataclass
+class RawSession:
+    """The stored fields of a session, backend-neutral."""
+
+    id: str
+    state: str
+    source: str
+    created_at: float
+    updated_at: float
+    ended_at: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    channels: list[int] = field(default_factory=list)
+    result_count: int = 0
+    last_seq: int = 0
+    audio_end: float = 0.0
+    emo_n: int = 0
+    emo_counts: dict[str, int] = field(default_factory=dict)
+    emo_psum: dict[str, float] = field(default_factory=dict)
+    last_result: dict[str, Any] | None = None
+
+
+def session_view(raw: RawSession, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    end = raw.ended_at if raw.ended_at is not None else now
+    mean = {k: v / raw.emo_n for k, v in sorted(raw.emo_psum.items())} if raw.emo_n else {}
+    return {
+        "id": raw.id,
+        "state": raw.state,
+        "source": raw.source,
+        "created_at": raw.created_at,
+        "updated_at": raw.updated_at,
+        "ended_at": raw.ended_at,
+        "duration_s": round(max(0.0, end - raw.created_at), 3),
+        "audio_duration_s": round(raw.audio_end, 3),
+        "metadata": raw.metadata,
+        "channels": sorted(set(raw.channels)),
+        "result_count": raw.result_count,
+        "last_seq": raw.last_seq,
+        "emotion": {
+            "n": raw.emo_n,
+            "label": max(mean, key=mean.__getitem__) if mean else None,
+            "counts": dict(sorted(raw.emo_counts.items())),
+            "mean_probabilities": mean,
+        },
+        "last_result": raw.last_result,
+    }
+
+
+def stamp(result: Mapping[str, Any], session_id: str, seq: int) -> dict[str, Any]:
+    """The stored form of a result: the caller's fields plus its session id and sequence number."""
+    out = {k: v for k, v in result.items() if k not in ("seq", "session_id")}
+    return {"seq": seq, "session_id": session_id, **out}
+
+
+class Waiters:
+    """Per-session wake-ups for long polls, usable from any thread and any event loop.
+
+    Each waiting coroutine registers its own ``asyncio.Event`` together with its loop; ``notify``
+    sets them with ``call_soon_threadsafe``. An Event per waiter (rather than one Condition per
+    session) is what makes this safe when the store is shared by several loops, as under a test
+    client, and when ``notify`` is called from the SQLite writer thread.
+
+    Thread-safety: all methods may be called from any thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_session: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    def register(self, session_id: str) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
+        token = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._by_session.setdefault(session_id, set()).add(token)
+        return token
+
+    def unregister(self, session_id: str, token) -> None:
+        with self._lock:
+            bucket = self._by_session.get(session_id)
+            if bucket is not None:
+                bucket.discard(token)
+                if not bucket:
+                    del self._by_session[session_id]
+
+    def notify(self, session_id: str) -> None:
+        with self._lock:
+            tokens = list(self._by_session.get(session_id, ()))
+        for loop, event in tokens:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: its waiter is gone
+                pass

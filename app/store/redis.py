@@ -1,0 +1,294 @@
+"""Redis session store: one store shared by several server replicas (redis-py asyncio).
+
+Keys (``P`` = ``settings.redis_prefix``, default ``emotion:``)::
+
+    P session:<id>          hash   id state source created_at updated_at ended_at metadata(json)
+                                   last_seq result_count audio_end emo_n last_result(json)
+                                   ch:<n>=1  count:<label>=int  psum:<label>=float
+    P session:<id>:results  stream one entry per result, entry id "<seq>-0", field r = result json
+    P session:<id>:events   stream "ended" / "deleted" markers that wake long polls
+    P sessions              zset   session id scored by updated_at (listing, newest first)
+
+Sequence numbers: a Lua script (atomic on the server) increments ``last_seq`` in the hash and
+XADDs the result with the entry id ``<seq>-0`` together with the aggregate updates, so replicas
+appending to one session concurrently get unique, gap-free, ordered numbers. Results are stored
+without ``seq``/``session_id``; both are added back from the entry id on read.
+
+Long poll: ``XREAD BLOCK`` on the results stream and the events stream at once, so an append by any
+replica, or the end/deletion of the session, wakes every waiter within a round trip.
+
+Ended sessions expire after ``ended_ttl_s`` (``EXPIRE`` on their keys; a re-open removes it).
+Single Redis (or a primary): the script touches the global ``sessions`` key, so not Redis Cluster.
+
+Thread-safety: one instance belongs to one event loop (redis-py asyncio connections are bound to
+the loop that created them); replicas and processes share data through Redis itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from redis.exceptions import WatchError
+
+from app.store.common import (
+    ACTIVE,
+    ENDED,
+    RawSession,
+    ResultStats,
+    SessionNotFound,
+    check_source,
+    check_state,
+    session_view,
+    stamp,
+)
+
+# KEYS: hash, results stream, events stream, index zset. ARGV: now, result json, channel, end,
+# session id, label ('' = none), then label/probability pairs.
+# Returns the new seq, or -1 when the session does not exist.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
+redis.call('XADD', KEYS[2], seq .. '-0', 'r', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'result_count', 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1], 'last_result', ARGV[2], 'ch:' .. ARGV[3], '1')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'audio_end') or '0')
+if tonumber(ARGV[4]) > cur then redis.call('HSET', KEYS[1], 'audio_end', ARGV[4]) end
+if ARGV[6] ~= '' then
+  redis.call('HINCRBY', KEYS[1], 'emo_n', 1)
+  redis.call('HINCRBY', KEYS[1], 'count:' .. ARGV[6], 1)
+  for i = 7, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], 'psum:' .. ARGV[i], ARGV[i + 1]) end
+end
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[5])
+return seq
+"""
+
+# KEYS: hash, results, events, index. ARGV: now, id, source, metadata json (create only).
+# Returns 1 when created, 0 when re-opened (metadata is merged by the caller afterwards).
+_OPEN = """
+local created = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'id', ARGV[2], 'state', 'active', 'source', ARGV[3], 'created_at', ARGV[1],
+             'updated_at', ARGV[1], 'metadata', ARGV[4], 'last_seq', 0, 'result_count', 0,
+             'audio_end', 0, 'emo_n', 0)
+  created = 1
+else
+  redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'ended_at')
+end
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+return created
+"""
+
+# KEYS: hash, results, events, index. ARGV: now, id, ttl seconds (0 = keep).
+_CLOSE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[1], 'updated_at', ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 16, '*', 'e', 'ended')
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+redis.call('EXPIRE', KEYS[3], 120)
+return 1
+"""
+
+# KEYS: hash, results, events, index. ARGV: id.
+_DELETE = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 16, '*', 'e', 'deleted')
+redis.call('EXPIRE', KEYS[3], 120)
+return existed
+"""
+
+
+def _num(value: str | None, default: float = 0.0) -> float:
+    return float(value) if value not in (None, "") else default
+
+
+class RedisStore:
+    """``SessionStore`` over Redis; see the module docstring for the key layout."""
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "emotion:",
+        ended_ttl_s: float = 7 * 86400.0,
+        client=None,
+    ):
+        import redis.asyncio as aioredis
+
+        self.prefix = prefix
+        self.ended_ttl_s = ended_ttl_s
+        self._r = client or aioredis.Redis.from_url(url, decode_responses=True)
+        self._append = self._r.register_script(_APPEND)
+        self._open = self._r.register_script(_OPEN)
+        self._close = self._r.register_script(_CLOSE)
+        self._delete = self._r.register_script(_DELETE)
+
+    # --- keys ----------------------------------------------------------------------------------
+
+    def _keys(self, session_id: str) -> list[str]:
+        base = f"{self.prefix}session:{session_id}"
+        return [base, base + ":results", base + ":events", self.prefix + "sessions"]
+
+    @staticmethod
+    def _raw(h: dict[str, str]) -> RawSession:
+        counts, psum, channels = {}, {}, []
+        for k, v in h.items():
+            if k.startswith("count:"):
+                counts[k[6:]] = int(v)
+            elif k.startswith("psum:"):
+                psum[k[5:]] = float(v)
+            elif k.startswith("ch:"):
+                channels.append(int(k[3:]))
+        last_seq = int(h.get("last_seq", 0))
+        last = json.loads(h["last_result"]) if h.get("last_result") else None
+        return RawSession(
+            id=h["id"],
+            state=h.get("state", ACTIVE),
+            source=h.get("source", "stream"),
+            created_at=_num(h.get("created_at")),
+            updated_at=_num(h.get("updated_at")),
+            ended_at=_num(h["ended_at"]) if h.get("ended_at") else None,
+            metadata=json.loads(h.get("metadata") or "{}"),
+            channels=channels,
+            result_count=int(h.get("result_count", 0)),
+            last_seq=last_seq,
+            audio_end=_num(h.get("audio_end")),
+            emo_n=int(h.get("emo_n", 0)),
+            emo_counts=counts,
+            emo_psum=psum,
+            # The script writes last_result and last_seq together, so this is its number.
+            last_result=stamp(last, h["id"], last_seq) if last is not None else None,
+        )
+
+    # --- SessionStore ----------------------------------------------------------------------------
+
+    async def open_session(
+        self, session_id: str, metadata: dict[str, Any] | None = None, source: str = "stream"
+    ) -> dict:
+        check_source(source)
+        keys = self._keys(session_id)
+        created = await self._open(
+            keys=keys, args=[repr(time.time()), session_id, source, json.dumps(metadata or {})]
+        )
+        if not created and metadata:
+            # Shallow merge of new metadata keys on re-open; optimistic transaction (WATCH) so a
+            # concurrent re-open cannot lose keys.
+            async with self._r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(keys[0])
+                        old = json.loads(await pipe.hget(keys[0], "metadata") or "{}")
+                        pipe.multi()
+                        pipe.hset(keys[0], "metadata", json.dumps({**old, **metadata}))
+                        await pipe.execute()
+                        break
+                    except WatchError:  # someone wrote in between: read again
+                        continue
+        return session_view(self._raw(await self._r.hgetall(keys[0])))
+
+    async def close_session(self, session_id: str) -> None:
+        await self._close(
+            keys=self._keys(session_id), args=[repr(time.time()), session_id, int(self.ended_ttl_s)]
+        )
+
+    async def append_result(self, session_id: str, result: dict[str, Any]) -> int:
+        stats = ResultStats.of(result)
+        body = {k: v for k, v in result.items() if k not in ("seq", "session_id")}
+        args: list[Any] = [
+            repr(time.time()),
+            json.dumps(body),
+            stats.channel,
+            repr(stats.end),
+            session_id,
+            stats.label or "",
+        ]
+        if stats.label is not None:
+            for k, p in stats.probabilities.items():
+                args += [k, repr(float(p))]
+        seq = int(await self._append(keys=self._keys(session_id), args=args))
+        if seq < 0:
+            raise SessionNotFound(session_id)
+        return seq
+
+    async def get_session(self, session_id: str) -> dict | None:
+        h = await self._r.hgetall(self._keys(session_id)[0])
+        return session_view(self._raw(h)) if h else None
+
+    async def list_sessions(self, state: str | None = None, limit: int = 100) -> list[dict]:
+        check_state(state)
+        limit = max(0, int(limit))
+        index = self.prefix + "sessions"
+        out: list[dict] = []
+        now = time.time()
+        page, start = 200, 0
+        # Bounded scan, newest first: a state filter may skip entries, expired ones are cleaned up.
+        while len(out) < limit and start < 100_000:
+            ids = await self._r.zrevrange(index, start, start + page - 1)
+            if not ids:
+                break
+            start += page
+            pipe = self._r.pipeline(transaction=False)
+            for sid in ids:
+                pipe.hgetall(self._keys(sid)[0])
+            hashes = await pipe.execute()
+            stale = [sid for sid, h in zip(ids, hashes, strict=True) if not h]
+            if stale:
+                await self._r.zrem(index, *stale)
+                start -= len(stale)
+            for h in hashes:
+                if h and (state is None or h.get("state") == state):
+                    out.append(session_view(self._raw(h), now))
+                    if len(out) >= limit:
+                        break
+        return out
+
+    async def results(
+        self, session_id: str, after: int = 0, wait_s: float = 0.0, limit: int = 1000
+    ) -> list[dict]:
+        h_key, r_key, e_key, _ = self._keys(session_id)
+        limit = max(1, int(limit))
+        after = max(0, int(after))
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hget(h_key, "state")
+        pipe.xrange(r_key, f"{after + 1}-0", "+", count=limit)
+        pipe.xrevrange(e_key, "+", "-", count=1)
+        state, entries, last_event = await pipe.execute()
+        if entries or state != ACTIVE or wait_s <= 0:
+            return self._decode(session_id, entries)
+        # Block for a newer result or an end/delete marker. The marker id read in the same
+        # transaction closes the race with a close between the check and the wait.
+        event_id = last_event[0][0] if last_event else "0-0"
+        block_ms = max(1, int(wait_s * 1000))
+        got = await self._r.xread({r_key: f"{after}-0", e_key: event_id}, count=limit, block=block_ms)
+        for stream, stream_entries in got or []:
+            if stream == r_key:
+                return self._decode(session_id, stream_entries)
+        # Woken by a marker (or timed out): answer with whatever exists now.
+        entries = await self._r.xrange(r_key, f"{after + 1}-0", "+", count=limit)
+        return self._decode(session_id, entries)
+
+    @staticmethod
+    def _decode(session_id: str, entries) -> list[dict]:
+        return [
+            stamp(json.loads(fields["r"]), session_id, int(eid.split("-", 1)[0])) for eid, fields in entries
+        ]
+
+    async def delete_session(self, session_id: str) -> bool:
+        return bool(await self._delete(keys=self._keys(session_id), args=[session_id]))
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+__all__ = ["RedisStore", "ENDED"]

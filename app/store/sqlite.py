@@ -1,0 +1,331 @@
+"""SQLite session store: the embedded default. One file, WAL journal, survives restarts.
+
+Schema (``user_version`` 1)::
+
+    sessions(id TEXT PRIMARY KEY, state TEXT, source TEXT, created_at REAL, updated_at REAL,
+             ended_at REAL NULL, metadata TEXT json, channels TEXT json list, result_count INT,
+             last_seq INT, audio_end REAL, emo_n INT, emo_counts TEXT json, emo_psum TEXT json,
+             last_result TEXT json NULL)
+    results(session_id TEXT, seq INT, created_at REAL, channel INT, data TEXT json,
+            PRIMARY KEY (session_id, seq)) WITHOUT ROWID
+
+Sequence numbers: ``append_result`` runs ``BEGIN IMMEDIATE`` (the write lock of the whole file),
+increments ``sessions.last_seq`` and inserts the result in the same transaction, so numbers are
+gap-free and unique even when several processes share the file.
+
+Thread-safety: every SQLite call runs on one dedicated thread that owns the only connection (a
+single-worker executor), so the connection is never shared across threads; the async methods may
+be awaited from any event loop. Long polls wake through ``Waiters`` as soon as this process
+appends; writes from *other* processes are noticed by re-querying every ``poll_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from app.store.common import (
+    ACTIVE,
+    ENDED,
+    RawSession,
+    ResultStats,
+    SessionNotFound,
+    Waiters,
+    check_source,
+    check_state,
+    session_view,
+    stamp,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    ended_at REAL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    channels TEXT NOT NULL DEFAULT '[]',
+    result_count INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    audio_end REAL NOT NULL DEFAULT 0,
+    emo_n INTEGER NOT NULL DEFAULT 0,
+    emo_counts TEXT NOT NULL DEFAULT '{}',
+    emo_psum TEXT NOT NULL DEFAULT '{}',
+    last_result TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_by_update ON sessions (updated_at DESC);
+CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, updated_at DESC);
+CREATE TABLE IF NOT EXISTS results (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    channel INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+_COLUMNS = (
+    "id, state, source, created_at, updated_at, ended_at, metadata, channels, result_count, last_seq, "
+    "audio_end, emo_n, emo_counts, emo_psum, last_result"
+)
+
+
+def _raw(row: tuple) -> RawSession:
+    return RawSession(
+        id=row[0],
+        state=row[1],
+        source=row[2],
+        created_at=row[3],
+        updated_at=row[4],
+        ended_at=row[5],
+        metadata=json.loads(row[6]),
+        channels=json.loads(row[7]),
+        result_count=row[8],
+        last_seq=row[9],
+        audio_end=row[10],
+        emo_n=row[11],
+        emo_counts=json.loads(row[12]),
+        emo_psum=json.loads(row[13]),
+        last_result=json.loads(row[14]) if row[14] else None,
+    )
+
+
+class SQLiteStore:
+    """``SessionStore`` over one SQLite file (``:memory:`` works too, for one process)."""
+
+    def __init__(self, path: str | Path, ended_ttl_s: float = 7 * 86400.0, poll_interval_s: float = 1.0):
+        self.path = str(path)
+        self.ended_ttl_s = ended_ttl_s
+        self.poll_interval_s = poll_interval_s
+        self._waiters = Waiters()
+        # One thread owns the connection: sqlite3 connections must not be used concurrently.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._conn: sqlite3.Connection | None = None
+        self._last_prune = 0.0
+        self._closed = False
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    async def _run(self, fn, *args):
+        if self._closed:
+            raise RuntimeError("the session store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _db(self) -> sqlite3.Connection:
+        """The connection, opened on first use (on the store thread)."""
+        if self._conn is None:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def _tx(self, fn):
+        """Run ``fn(conn)`` inside BEGIN IMMEDIATE ... COMMIT (rolled back on error)."""
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return out
+
+    def _get_raw(self, conn: sqlite3.Connection, session_id: str) -> RawSession | None:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        return _raw(row) if row else None
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        """Forget ended sessions older than the retention period (at most every 10 minutes)."""
+        if self.ended_ttl_s <= 0 or now - self._last_prune < 600.0:
+            return
+        self._last_prune = now
+        cutoff = now - self.ended_ttl_s
+        conn.execute(
+            "DELETE FROM results WHERE session_id IN "
+            "(SELECT id FROM sessions WHERE state = ? AND updated_at < ?)",
+            (ENDED, cutoff),
+        )
+        conn.execute("DELETE FROM sessions WHERE state = ? AND updated_at < ?", (ENDED, cutoff))
+
+    # --- SessionStore ------------------------------------------------------------------------
+
+    async def open_session(
+        self, session_id: str, metadata: dict[str, Any] | None = None, source: str = "stream"
+    ) -> dict:
+        """Create the session, or re-open an existing one (state back to active, metadata merged)."""
+        check_source(source)
+        meta_json = json.dumps(metadata or {})
+
+        def op(conn: sqlite3.Connection) -> RawSession:
+            now = time.time()
+            self._prune(conn, now)
+            raw = self._get_raw(conn, session_id)
+            if raw is None:
+                conn.execute(
+                    "INSERT INTO sessions (id, state, source, created_at, updated_at, metadata) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (session_id, ACTIVE, source, now, now, meta_json),
+                )
+            else:
+                merged = {**raw.metadata, **(metadata or {})}
+                conn.execute(
+                    "UPDATE sessions SET state = ?, updated_at = ?, ended_at = NULL, metadata = ? WHERE id = ?",
+                    (ACTIVE, now, json.dumps(merged), session_id),
+                )
+            return self._get_raw(conn, session_id)
+
+        raw = await self._run(self._tx, op)
+        return session_view(raw)
+
+    async def close_session(self, session_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute(
+                "UPDATE sessions SET state = ?, ended_at = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (ENDED, now, now, session_id, ACTIVE),
+            )
+
+        await self._run(self._tx, op)
+        self._waiters.notify(session_id)  # long polls return at once on an ended session
+
+    async def append_result(self, session_id: str, result: dict[str, Any]) -> int:
+        stats = ResultStats.of(result)
+
+        def op(conn: sqlite3.Connection) -> int:
+            raw = self._get_raw(conn, session_id)
+            if raw is None:
+                raise SessionNotFound(session_id)
+            now = time.time()
+            seq = raw.last_seq + 1
+            stored = stamp(result, session_id, seq)
+            data = json.dumps(stored)
+            channels = sorted(set(raw.channels) | {stats.channel})
+            if stats.label is not None:
+                raw.emo_n += 1
+                raw.emo_counts[stats.label] = raw.emo_counts.get(stats.label, 0) + 1
+                for k, p in stats.probabilities.items():
+                    raw.emo_psum[k] = raw.emo_psum.get(k, 0.0) + p
+            conn.execute(
+                "INSERT INTO results (session_id, seq, created_at, channel, data) VALUES (?, ?, ?, ?, ?)",
+                (session_id, seq, now, stats.channel, data),
+            )
+            conn.execute(
+                "UPDATE sessions SET last_seq = ?, result_count = result_count + 1, updated_at = ?, "
+                "channels = ?, audio_end = MAX(audio_end, ?), emo_n = ?, emo_counts = ?, emo_psum = ?, "
+                "last_result = ? WHERE id = ?",
+                (
+                    seq,
+                    now,
+                    json.dumps(channels),
+                    stats.end,
+                    raw.emo_n,
+                    json.dumps(raw.emo_counts),
+                    json.dumps(raw.emo_psum),
+                    data,
+                    session_id,
+                ),
+            )
+            return seq
+
+        seq = await self._run(self._tx, op)
+        self._waiters.notify(session_id)
+        return seq
+
+    async def get_session(self, session_id: str) -> dict | None:
+        raw = await self._run(lambda: self._get_raw(self._db(), session_id))
+        return session_view(raw) if raw else None
+
+    async def list_sessions(self, state: str | None = None, limit: int = 100) -> list[dict]:
+        check_state(state)
+        limit = max(0, int(limit))
+
+        def op() -> list[RawSession]:
+            conn = self._db()
+            if state is None:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM sessions ORDER BY updated_at DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM sessions WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+                    (state, limit),
+                ).fetchall()
+            return [_raw(r) for r in rows]
+
+        now = time.time()
+        return [session_view(r, now) for r in await self._run(op)]
+
+    async def results(
+        self, session_id: str, after: int = 0, wait_s: float = 0.0, limit: int = 1000
+    ) -> list[dict]:
+        """Results with ``seq > after`` in order; with ``wait_s`` > 0, wait until one exists.
+
+        Returns early (possibly empty) when the session is unknown, deleted or ended.
+        """
+        limit = max(1, int(limit))
+
+        def op() -> tuple[str | None, list[dict]]:
+            conn = self._db()
+            row = conn.execute("SELECT state FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is None:
+                return None, []
+            rows = conn.execute(
+                "SELECT data FROM results WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (session_id, int(after), limit),
+            ).fetchall()
+            return row[0], [json.loads(r[0]) for r in rows]
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, wait_s)
+        while True:
+            # Register before querying: an append between the query and the wait still wakes us.
+            token = self._waiters.register(session_id)
+            try:
+                state, out = await self._run(op)
+                remaining = deadline - loop.time()
+                if out or state != ACTIVE or remaining <= 0:
+                    return out
+                try:
+                    await asyncio.wait_for(token[1].wait(), timeout=min(remaining, self.poll_interval_s))
+                except asyncio.TimeoutError:
+                    pass  # re-query: another process may have written
+            finally:
+                self._waiters.unregister(session_id, token)
+
+    async def delete_session(self, session_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM results WHERE session_id = ?", (session_id,))
+            return conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
+
+        existed = await self._run(self._tx, op)
+        self._waiters.notify(session_id)
+        return existed
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+
+        def op() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run(op)
+        self._closed = True
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,162 @@
+"""Typed messages of the ``WS /v1/stream`` protocol (see ``app.api.stream`` for the full protocol).
+
+Client -> server JSON: ``start``, ``stop``, ``ping``; audio travels in binary frames.
+Server -> client JSON: ``ready``, ``partial``, ``final``, ``interim``, ``warning``, ``error``,
+``end``, ``pong``. Every message has a ``type``; times (``start``, ``end``) are seconds of audio
+from the start of the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from app.schemas import Emotion, WordOut
+
+ENCODINGS = {"pcm_s16le": 2, "f32le": 4}  # bytes per sample
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+PROTOCOL_VERSION = 1
+
+
+# --- client messages -------------------------------------------------------------------------
+
+
+class StartMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["start"]
+    sample_rate: int = Field(16000, gt=0, description="Hz of the binary frames")
+    encoding: str = Field("pcm_s16le", description="pcm_s16le | f32le, interleaved when channels > 1")
+    channels: int = Field(1, ge=1, description="1 = mono; 2 = stereo call (left agent, right customer)")
+    models: list[str] | None = Field(None, description="emotion models; null = the server's default set")
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN, description="null = a new id")
+    metadata: dict[str, Any] | None = None
+    partials: bool = Field(True, description="false: send no partial transcripts")
+
+
+class StopMessage(BaseModel):
+    type: Literal["stop"]
+
+
+class PingMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["ping"]
+    id: str | int | None = None
+
+
+ClientMessage = Annotated[StartMessage | StopMessage | PingMessage, Field(discriminator="type")]
+client_message = TypeAdapter(ClientMessage)
+CLIENT_TYPES = ("start", "stop", "ping")
+
+
+# --- server messages -------------------------------------------------------------------------
+
+
+class StreamSettings(BaseModel):
+    """Limits and behaviour in force for this stream, echoed in ``ready``."""
+
+    max_frame_bytes: int
+    max_message_bytes: int
+    max_utterance_s: float
+    end_silence_ms: int
+    partial_every_s: float
+    interim_every_s: float
+    max_backlog_s: float
+    idle_timeout_s: float
+
+
+class ReadyMessage(BaseModel):
+    type: Literal["ready"] = "ready"
+    protocol: int = PROTOCOL_VERSION
+    session_id: str
+    sample_rate: int
+    encoding: str
+    channels: int
+    models: list[str]
+    settings: StreamSettings
+
+
+class PartialMessage(BaseModel):
+    type: Literal["partial"] = "partial"
+    session_id: str
+    channel: int
+    utterance: int = Field(description="index of the utterance within its channel, from 0")
+    start: float
+    end: float = Field(description="audio time the hypothesis covers")
+    confirmed: str = Field(description="agreed by two consecutive hypotheses; only ever grows")
+    unconfirmed: str = Field(description="the rest of the latest hypothesis; may change")
+
+
+class FinalMessage(BaseModel):
+    type: Literal["final"] = "final"
+    seq: int | None = Field(description="sequence number in the session store; null if storing failed")
+    session_id: str
+    channel: int
+    utterance: int
+    start: float
+    end: float
+    text: str
+    words: list[WordOut] = Field(default_factory=list)
+    emotion: Emotion | None
+    reason: Literal["end_of_speech", "max_length", "stop", "disconnect", "idle", "error"]
+    latency_ms: float = Field(description="from the arrival of the frame in which the speech ended")
+
+
+class InterimMessage(BaseModel):
+    type: Literal["interim"] = "interim"
+    session_id: str
+    channel: int
+    utterance: int
+    start: float
+    end: float
+    emotion: Emotion | None
+
+
+class WarningMessage(BaseModel):
+    type: Literal["warning"] = "warning"
+    code: str = Field(description="client_too_fast | falling_behind | backpressure | store_failed | ...")
+    detail: str
+    backlog_s: float | None = None
+
+
+class ErrorMessage(BaseModel):
+    type: Literal["error"] = "error"
+    error: str = Field(description="machine-readable code, as in the REST error body")
+    detail: str
+    close_code: int | None = None
+
+
+class EndStats(BaseModel):
+    audio_s: float
+    utterances: int
+    finals: int
+    stored: int
+    partials_sent: int
+    partials_skipped: int
+    max_backlog_s: float
+    paused_reading_s: float
+
+
+class EndMessage(BaseModel):
+    type: Literal["end"] = "end"
+    session_id: str
+    stats: EndStats
+
+
+class PongMessage(BaseModel):
+    type: Literal["pong"] = "pong"
+    id: str | int | None = None
+
+
+ServerMessage = (
+    ReadyMessage
+    | PartialMessage
+    | FinalMessage
+    | InterimMessage
+    | WarningMessage
+    | ErrorMessage
+    | EndMessage
+    | PongMessage
+)

@@ -1,0 +1,689 @@
+"""The streaming session: audio frames in, ``partial`` / ``final`` / ``interim`` messages out.
+
+No socket here: ``app.api.stream`` reads the WebSocket and calls ``StreamSession.feed`` /
+``wait_capacity`` / ``finish``; the session sends typed messages through the ``emit`` coroutine it
+was given. Tests drive it directly with a fake backend.
+
+Flow per binary frame: decode (``PcmDecoder``) -> de-interleave -> resample each channel to 16 kHz
+-> that channel's ``UtteranceSegmenter`` (Silero VAD) -> events:
+
+* ``UtteranceEnd`` -> a *final job*: the utterance's analysis starts at once (or was already
+  started speculatively on a ``Candidate``), and one emitter task awaits the jobs in order,
+  appends each result to the store (which assigns ``seq``) and sends the ``final``. Finals are never
+  skipped; an analysis that fails for a transient reason (queue full) is retried.
+* ``PartialDue`` -> a low-priority ASR pass over the utterance so far, fed to the channel's
+  ``LocalAgreement``; sent as ``partial`` only if the utterance is still open. Skipped (counted
+  in ``partials_skipped``) whenever a final, a speculative final or another partial of this
+  process is in flight, or the ASR pool has a queue: partials thin out under load. When a final
+  needs the pool, partial passes still queued there are withdrawn (``PriorityGate.preempt_low``),
+  so a final waits at most for the one partial pass a worker is already running.
+* ``InterimDue`` -> an emotion estimate of the utterance so far, with the same low priority.
+
+Back-pressure: ``backlog_s`` is the audio of utterances that ended but whose final is not out
+yet. Above ``max_backlog_s`` the reader must stop reading (``wait_capacity``) until the backlog
+falls below 80 % of it, so a too-fast client is slowed by TCP flow control instead of losing
+audio. Warnings are sent when the client runs ahead of real time, when the backlog passes half
+the limit, and when reading is paused.
+
+Thread-safety: a ``StreamSession`` lives on one event loop and is driven by one reader task plus
+the tasks it creates itself. ``PRIORITY`` is process-wide state touched only from the event loop
+(one per server process); its counters are plain integers updated without awaits in between
+(atomic under asyncio). The only cross-thread object is the ``threading.Event`` a pool worker
+sets when it starts a partial pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from app.audio import SAMPLE_RATE
+from app.local_agreement import LocalAgreement
+from app.schemas import Emotion, WordOut
+from app.stream_audio import ArrivalClock, ChannelResampler, PcmDecoder
+from app.stream_protocol import (
+    EndMessage,
+    EndStats,
+    ErrorMessage,
+    FinalMessage,
+    InterimMessage,
+    PartialMessage,
+    ReadyMessage,
+    StartMessage,
+    StreamSettings,
+    WarningMessage,
+)
+from app.stream_segmenter import (
+    Candidate,
+    CandidateCancelled,
+    InterimDue,
+    PartialDue,
+    SegmenterConfig,
+    UtteranceDiscarded,
+    UtteranceEnd,
+    UtteranceSegmenter,
+    UtteranceStart,
+)
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Any], Awaitable[None]]
+
+
+# --- what the session needs from the service ---------------------------------------------------
+
+
+@dataclass
+class UtteranceOutput:
+    text: str
+    words: list[WordOut]
+    emotion: Emotion | None
+    extra: dict[str, Any] = field(default_factory=dict)  # stored with the result (language, timing)
+
+
+class StreamBackend(Protocol):
+    """The analysis side of streaming (``ServiceBackend`` adapts ``EmotionService``)."""
+
+    def resolve_models(self, models: Sequence[str] | None) -> list[str]: ...
+
+    async def analyze(
+        self,
+        audio16k: np.ndarray,
+        models: Sequence[str] | None,
+        channel: int,
+        offset_s: float,
+        key: Hashable,
+        count_audio: bool = True,
+    ) -> UtteranceOutput: ...
+
+    async def transcribe_words(
+        self, audio16k: np.ndarray, key: Hashable, started: threading.Event | None = None
+    ) -> list[str]:
+        """ASR words of a partial pass; sets ``started`` when a worker picks the job up."""
+        ...
+
+    def asr_idle(self) -> bool: ...
+
+
+class PriorityGate:
+    """Process-wide counts of streaming analyses in flight, to keep low-priority work off the ASR
+    pool while any final is pending (finals first; partials only when the pool is idle)."""
+
+    def __init__(self, max_low: int = 1):
+        self.finals = 0  # final analyses (speculative ones included) not finished
+        self.low = 0  # partial / interim passes not finished
+        self.max_low = max_low
+        # Partial passes still waiting in the ASR pool, with the flag their worker sets on start.
+        self._waiting: dict[asyncio.Task, threading.Event] = {}
+
+    def track_low(self, task: asyncio.Task, started: threading.Event) -> None:
+        self._waiting[task] = started
+        task.add_done_callback(lambda t: self._waiting.pop(t, None))
+
+    def preempt_low(self) -> None:
+        """A final needs the pool: withdraw partial passes no worker has started (a queued pool
+        job whose future is cancelled is skipped). A pass already running finishes."""
+        for task, started in list(self._waiting.items()):
+            if not started.is_set():
+                task.cancel()
+
+    def low_priority_allowed(self, backend: StreamBackend) -> bool:
+        return self.finals == 0 and self.low < self.max_low and backend.asr_idle()
+
+    def speculation_allowed(self, backend: StreamBackend) -> bool:
+        return self.finals == 0 and backend.asr_idle()
+
+
+PRIORITY = PriorityGate()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return getattr(exc, "status", None) == 503  # QueueFull / not ready: try again
+
+
+# --- the session -------------------------------------------------------------------------------
+
+
+@dataclass
+class _FinalJob:
+    channel: int
+    utterance: int
+    start: int  # samples (16 kHz, channel time)
+    end: int
+    speech_end: int
+    reason: str
+    audio: np.ndarray
+    task: asyncio.Task
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end - self.start) / SAMPLE_RATE
+
+
+@dataclass
+class _Spec:
+    """A speculative analysis started on a ``Candidate``."""
+
+    start: int
+    end: int
+    task: asyncio.Task
+
+
+@dataclass
+class Counters:
+    utterances: int = 0
+    discarded: int = 0
+    finals: int = 0
+    stored: int = 0
+    partials_sent: int = 0
+    partials_skipped: int = 0
+    speculative_used: int = 0
+    speculative_wasted: int = 0
+    max_backlog_s: float = 0.0
+    paused_reading_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+class StreamSession:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        start: StartMessage,
+        settings,
+        backend: StreamBackend,
+        store,
+        emit: Emit,
+        models: list[str] | None = None,
+        announced_models: list[str] | None = None,
+        gate: PriorityGate = PRIORITY,
+        clock: Callable[[], float] = time.monotonic,
+        segmenter_factory: Callable[[int], UtteranceSegmenter] | None = None,
+    ):
+        self.session_id = session_id
+        self.start_msg = start
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self._emit = emit
+        self.models = models  # as requested: passed to every analysis
+        self.announced_models = announced_models if announced_models is not None else (models or [])
+        self.gate = gate
+        self.clock = clock
+        self.key = f"stream-{session_id}-{id(self)}"  # fair-scheduling key in the ASR pool
+        self.channels = start.channels
+        self.decoder = PcmDecoder(start.encoding, start.channels)
+        self.resamplers = [ChannelResampler(start.sample_rate) for _ in range(self.channels)]
+        self.arrivals = ArrivalClock(start.sample_rate)
+        cfg = SegmenterConfig.from_settings(settings, partials=start.partials)
+        make = segmenter_factory or (lambda _c: UtteranceSegmenter(cfg))
+        self.segmenters = [make(c) for c in range(self.channels)]
+        self.max_backlog_s = float(settings.stream_max_backlog_s)
+        self.counters = Counters()
+
+        self._agreements: dict[tuple[int, int], LocalAgreement] = {}
+        self._open: dict[int, int | None] = dict.fromkeys(range(self.channels))  # channel -> utterance
+        self._spec: dict[tuple[int, int], _Spec] = {}
+        self._low_tasks: set[asyncio.Task] = set()
+        self._low_busy: set[int] = set()  # channels with a partial/interim pass running
+        self._jobs: asyncio.Queue[_FinalJob | None] = asyncio.Queue()
+        self._emitter: asyncio.Task | None = None
+        self._backlog_s = 0.0
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._outbox: list[WarningMessage] = []  # warnings raised in sync code, sent by feed()
+        self._first_arrival: float | None = None
+        self._warned_fast = False
+        self._warned_behind = False
+        self._client_gone = False
+        self._store_ok = True
+        self._finished = False
+
+    # --- messages ----------------------------------------------------------------------------
+
+    async def emit(self, message) -> None:
+        """Send a message; once the client is gone, keep working (results are still stored)."""
+        if self._client_gone:
+            return
+        try:
+            await self._emit(message)
+        except Exception:  # the socket closed under us: the disconnect path takes over
+            self._client_gone = True
+
+    def mark_client_gone(self) -> None:
+        self._client_gone = True
+
+    def stream_settings(self) -> StreamSettings:
+        s = self.settings
+        return StreamSettings(
+            max_frame_bytes=s.stream_max_frame_bytes,
+            max_message_bytes=s.stream_max_message_bytes,
+            max_utterance_s=s.stream_max_utterance_s,
+            end_silence_ms=s.stream_end_silence_ms,
+            partial_every_s=s.stream_partial_every_s if self.start_msg.partials else 0.0,
+            interim_every_s=s.stream_interim_every_s,
+            max_backlog_s=s.stream_max_backlog_s,
+            idle_timeout_s=s.stream_idle_timeout_s,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (or re-open) the stored session and send ``ready``."""
+        await self.store.open_session(self.session_id, self.start_msg.metadata, source="stream")
+        self._emitter = asyncio.get_running_loop().create_task(
+            self._emit_finals(), name=f"finals-{self.session_id}"
+        )
+        m = self.start_msg
+        await self.emit(
+            ReadyMessage(
+                session_id=self.session_id,
+                sample_rate=m.sample_rate,
+                encoding=m.encoding,
+                channels=m.channels,
+                models=self.announced_models,
+                settings=self.stream_settings(),
+            )
+        )
+
+    @property
+    def backlog_s(self) -> float:
+        return self._backlog_s
+
+    @property
+    def received_s(self) -> float:
+        return self.arrivals.received_s
+
+    async def feed(self, data: bytes, arrival: float | None = None) -> None:
+        """One binary frame. Raises ``InvalidAudioFrame`` for unusable content."""
+        arrival = self.clock() if arrival is None else arrival
+        frames = self.decoder.decode(data)
+        if len(frames) == 0:
+            return
+        if self._first_arrival is None:
+            self._first_arrival = arrival
+        self.arrivals.add(len(frames), arrival)
+        for c in range(self.channels):
+            audio16k = self.resamplers[c](frames[:, c])
+            if len(audio16k):
+                self._handle(c, self.segmenters[c].feed(audio16k))
+        await self._send_outbox()
+        await self._check_pace(arrival)
+
+    async def _check_pace(self, now: float) -> None:
+        ahead = self.received_s - (now - (self._first_arrival or now))
+        slack = float(self.settings.stream_realtime_slack_s)
+        if ahead > slack and not self._warned_fast:
+            self._warned_fast = True
+            await self.emit(
+                WarningMessage(
+                    code="client_too_fast",
+                    detail=f"audio arrives {ahead:.1f} s ahead of real time; the server works at its own pace "
+                    f"and stops reading beyond {self.max_backlog_s:.0f} s of backlog (nothing is dropped)",
+                    backlog_s=round(self._backlog_s, 3),
+                )
+            )
+        elif ahead < slack / 2:
+            self._warned_fast = False
+
+    async def wait_capacity(self) -> None:
+        """Return when the reader may read the next frame (backlog below the limit)."""
+        if self._backlog_s <= self.max_backlog_s:
+            return
+        await self.emit(
+            WarningMessage(
+                code="backpressure",
+                detail=f"{self._backlog_s:.1f} s of audio await analysis (limit {self.max_backlog_s:.0f} s): "
+                "the server stops reading until it catches up",
+                backlog_s=round(self._backlog_s, 3),
+            )
+        )
+        t0 = self.clock()
+        while self._backlog_s > 0.8 * self.max_backlog_s:
+            self._capacity.clear()
+            await self._capacity.wait()
+        self.counters.paused_reading_s += self.clock() - t0
+
+    async def finish(self, reason: str = "stop") -> EndStats:
+        """Flush every channel, wait for every final, end the stored session.
+
+        ``reason`` (stop | disconnect | idle | error) is recorded on the utterances cut short. Safe
+        to call once; the ``end`` message is sent by the caller (only after a ``stop``).
+        """
+        if self._finished:
+            return self.stats()
+        self._finished = True
+        for c in range(self.channels):
+            tail = self.resamplers[c](np.zeros(0, dtype=np.float32), last=True)
+            events = self.segmenters[c].feed(tail) if len(tail) else []
+            self._handle(c, events + self.segmenters[c].flush(reason))
+        await self._send_outbox()
+        for task in list(self._low_tasks):
+            task.cancel()
+        if self._emitter is not None:
+            await self._jobs.put(None)
+            await self._emitter
+        for spec in self._spec.values():  # candidates never confirmed (flush confirmed the rest)
+            spec.task.cancel()
+        self._spec.clear()
+        try:
+            await self.store.close_session(self.session_id)
+        except Exception as exc:
+            log.warning("stream %s: could not end the stored session: %s", self.session_id, exc)
+        return self.stats()
+
+    def stats(self) -> EndStats:
+        c = self.counters
+        return EndStats(
+            audio_s=round(self.received_s, 3),
+            utterances=c.utterances,
+            finals=c.finals,
+            stored=c.stored,
+            partials_sent=c.partials_sent,
+            partials_skipped=c.partials_skipped,
+            max_backlog_s=round(c.max_backlog_s, 3),
+            paused_reading_s=round(c.paused_reading_s, 3),
+        )
+
+    def end_message(self, stats: EndStats) -> EndMessage:
+        return EndMessage(session_id=self.session_id, stats=stats)
+
+    # --- segmenter events --------------------------------------------------------------------
+
+    def _handle(self, channel: int, events) -> None:
+        for ev in events:
+            if isinstance(ev, UtteranceStart):
+                self._open[channel] = ev.utterance
+                self._agreements[(channel, ev.utterance)] = LocalAgreement()
+            elif isinstance(ev, Candidate):
+                self._speculate(channel, ev)
+            elif isinstance(ev, CandidateCancelled):
+                spec = self._spec.pop((channel, ev.utterance), None)
+                if spec is not None:
+                    spec.task.cancel()
+                    self.counters.speculative_wasted += 1
+            elif isinstance(ev, PartialDue):
+                self._low_priority(channel, ev, self._partial)
+            elif isinstance(ev, InterimDue):
+                self._low_priority(channel, ev, self._interim)
+            elif isinstance(ev, UtteranceEnd):
+                self._end_utterance(channel, ev)
+            elif isinstance(ev, UtteranceDiscarded):
+                self._open[channel] = None
+                self._agreements.pop((channel, ev.utterance), None)
+                self.counters.discarded += 1
+
+    def _analysis_task(self, channel: int, audio: np.ndarray, start: int) -> asyncio.Task:
+        self.gate.preempt_low()
+        task = asyncio.get_running_loop().create_task(self._analyze_with_retry(channel, audio, start))
+        # Counted from creation to completion; a done callback also runs for a task cancelled
+        # before it started (a finally block in the coroutine would not).
+        self.gate.finals += 1
+        task.add_done_callback(self._final_analysis_done)
+        return task
+
+    def _final_analysis_done(self, task: asyncio.Task) -> None:
+        self.gate.finals -= 1
+        if not task.cancelled():
+            task.exception()  # retrieved here so that an unused speculative failure is not logged
+
+    async def _analyze_with_retry(self, channel: int, audio: np.ndarray, start: int) -> UtteranceOutput:
+        delay = 0.2
+        for attempt in range(6):
+            try:
+                return await self.backend.analyze(audio, self.models, channel, start / SAMPLE_RATE, self.key)
+            except Exception as exc:
+                if not _is_transient(exc) or attempt == 5:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    def _speculate(self, channel: int, ev: Candidate) -> None:
+        if not self.gate.speculation_allowed(self.backend):
+            return
+        task = self._analysis_task(channel, ev.audio, ev.start)
+        self._spec[(channel, ev.utterance)] = _Spec(ev.start, ev.end, task)
+
+    def _end_utterance(self, channel: int, ev: UtteranceEnd) -> None:
+        self._open[channel] = None
+        self._agreements.pop((channel, ev.utterance), None)
+        self.counters.utterances += 1
+        spec = self._spec.pop((channel, ev.utterance), None)
+        if spec is not None and (spec.start, spec.end) == (ev.start, ev.end):
+            task = spec.task  # same audio: the speculative analysis is this final's analysis
+            self.counters.speculative_used += 1
+        else:
+            if spec is not None:
+                spec.task.cancel()
+                self.counters.speculative_wasted += 1
+            task = self._analysis_task(channel, ev.audio, ev.start)
+        job = _FinalJob(channel, ev.utterance, ev.start, ev.end, ev.speech_end, ev.reason, ev.audio, task)
+        self._backlog_s += job.duration_s
+        self.counters.max_backlog_s = max(self.counters.max_backlog_s, self._backlog_s)
+        self._jobs.put_nowait(job)
+        if not self._warned_behind and self._backlog_s > 0.5 * self.max_backlog_s:
+            self._warned_behind = True
+            self._outbox.append(
+                WarningMessage(
+                    code="falling_behind",
+                    detail=f"{self._backlog_s:.1f} s of audio await analysis; finals are delayed",
+                    backlog_s=round(self._backlog_s, 3),
+                )
+            )
+
+    async def _send_outbox(self) -> None:
+        while self._outbox:
+            await self.emit(self._outbox.pop(0))
+
+    # --- finals ------------------------------------------------------------------------------
+
+    async def _emit_finals(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            if job is None:
+                return
+            try:
+                await self._final(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one utterance stop the others
+                log.exception("stream %s: final of utterance %d failed", self.session_id, job.utterance)
+            finally:
+                self._backlog_s = max(0.0, self._backlog_s - job.duration_s)
+                if self._backlog_s <= 0.25 * self.max_backlog_s:
+                    self._warned_behind = False
+                self._capacity.set()
+
+    async def _final(self, job: _FinalJob) -> None:
+        try:
+            out = await job.task
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code = getattr(exc, "code", "analysis_failed")
+            await self.emit(
+                ErrorMessage(
+                    error=str(code),
+                    detail=f"channel {job.channel} utterance {job.utterance} "
+                    f"({job.start / SAMPLE_RATE:.2f}-{job.end / SAMPLE_RATE:.2f} s) could not be analysed: {exc}",
+                )
+            )
+            return
+        start_s, end_s = round(job.start / SAMPLE_RATE, 3), round(job.end / SAMPLE_RATE, 3)
+        result = {
+            "channel": job.channel,
+            "utterance": job.utterance,
+            "start": start_s,
+            "end": end_s,
+            "text": out.text,
+            "words": [w.model_dump() for w in out.words],
+            "emotion": out.emotion.model_dump() if out.emotion is not None else None,
+            "reason": job.reason,
+            "source": "stream",
+            **out.extra,
+        }
+        seq = None
+        try:
+            seq = await self.store.append_result(self.session_id, result)
+            self.counters.stored += 1
+        except Exception as exc:
+            log.warning("stream %s: storing a result failed: %s", self.session_id, exc)
+            if self._store_ok:
+                self._store_ok = False
+                await self.emit(
+                    WarningMessage(code="store_failed", detail=f"results are not being stored: {exc}")
+                )
+        arrived = self.arrivals.arrival_of(job.speech_end)
+        latency_ms = (self.clock() - arrived) * 1000.0 if arrived is not None else 0.0
+        self.counters.finals += 1
+        self.counters.latencies_ms.append(latency_ms)
+        await self.emit(
+            FinalMessage(
+                seq=seq,
+                session_id=self.session_id,
+                channel=job.channel,
+                utterance=job.utterance,
+                start=start_s,
+                end=end_s,
+                text=out.text,
+                words=out.words,
+                emotion=out.emotion,
+                reason=job.reason,
+                latency_ms=round(latency_ms, 1),
+            )
+        )
+
+    # --- partials and interims (low priority, may be skipped) --------------------------------
+
+    def _low_priority(self, channel: int, ev, fn) -> None:
+        if channel in self._low_busy or not self.gate.low_priority_allowed(self.backend):
+            if isinstance(ev, PartialDue):
+                self.counters.partials_skipped += 1
+            return
+        self._low_busy.add(channel)
+        self.gate.low += 1
+        started = threading.Event()
+
+        async def run() -> None:
+            try:
+                await fn(channel, ev, started)
+            except Exception as exc:  # a lost partial is harmless; log it
+                log.info("stream %s: low-priority pass failed: %s", self.session_id, exc)
+
+        def done(task: asyncio.Task) -> None:
+            self.gate.low -= 1
+            self._low_busy.discard(channel)
+            if task.cancelled() and isinstance(ev, PartialDue):
+                self.counters.partials_skipped += 1
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(done)
+        if isinstance(ev, PartialDue):
+            self.gate.track_low(task, started)
+        self._low_tasks.add(task)
+        task.add_done_callback(self._low_tasks.discard)
+
+    async def _partial(self, channel: int, ev: PartialDue, started: threading.Event) -> None:
+        words = await self.backend.transcribe_words(ev.audio, self.key, started)
+        agreement = self._agreements.get((channel, ev.utterance))
+        if agreement is None or self._open.get(channel) != ev.utterance:
+            self.counters.partials_skipped += 1  # the utterance ended meanwhile: its final says it all
+            return
+        agreement.update(words)
+        self.counters.partials_sent += 1
+        await self.emit(
+            PartialMessage(
+                session_id=self.session_id,
+                channel=channel,
+                utterance=ev.utterance,
+                start=round(ev.start / SAMPLE_RATE, 3),
+                end=round(ev.end / SAMPLE_RATE, 3),
+                confirmed=agreement.confirmed_text,
+                unconfirmed=agreement.unconfirmed_text,
+            )
+        )
+
+    async def _interim(self, channel: int, ev: InterimDue, started: threading.Event) -> None:
+        out = await self.backend.analyze(
+            ev.audio, self.models, channel, ev.start / SAMPLE_RATE, self.key, count_audio=False
+        )
+        if self._open.get(channel) != ev.utterance:
+            return
+        await self.emit(
+            InterimMessage(
+                session_id=self.session_id,
+                channel=channel,
+                utterance=ev.utterance,
+                start=round(ev.start / SAMPLE_RATE, 3),
+                end=round(ev.end / SAMPLE_RATE, 3),
+                emotion=out.emotion,
+            )
+        )
+
+
+# --- the real backend --------------------------------------------------------------------------
+
+
+def _fast_words(recognizer, audio16k: np.ndarray) -> list[str]:
+    """Words of a partial pass: greedy decoding without word timestamps (the alignment pass that
+    word timestamps need costs ~30 % more and partials need no timings)."""
+    model = getattr(recognizer, "_model", None)
+    if model is None:  # not the faster-whisper wrapper we know: the full path
+        return [w.word for w in recognizer.transcribe(audio16k).words]
+    segments, _info = model.transcribe(
+        np.asarray(audio16k, dtype=np.float32),
+        language=recognizer.language,
+        beam_size=1,
+        temperature=0.0,
+        word_timestamps=False,
+        without_timestamps=True,
+        vad_filter=False,
+        condition_on_previous_text=False,
+    )
+    return " ".join(s.text for s in segments).split()
+
+
+class ServiceBackend:
+    """``StreamBackend`` over ``app.service.EmotionService``."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def resolve_models(self, models: Sequence[str] | None) -> list[str]:
+        ids, include_ensemble = self.service.resolve_models(models)
+        return ids + (["ensemble"] if include_ensemble else [])
+
+    async def analyze(self, audio16k, models, channel, offset_s, key, count_audio=True) -> UtteranceOutput:
+        r = await self.service.analyze_utterance(
+            audio16k, models, channel=channel, offset_s=offset_s, key=key, count_audio=count_audio
+        )
+        return UtteranceOutput(
+            text=r.text,
+            words=list(r.words),
+            emotion=r.emotion,
+            extra={"language": r.language, "timing_ms": r.timing_ms.model_dump()},
+        )
+
+    async def transcribe_words(self, audio16k, key, started=None) -> list[str]:
+        engine = self.service.engine
+        recognizer = engine.analyzer.recognizer
+
+        def job() -> list[str]:
+            if started is not None:
+                started.set()
+            return _fast_words(recognizer, audio16k)
+
+        # Its own key: a queued partial must not sit ahead of this stream's finals in FIFO order.
+        return await engine.run_cpu(f"{key}-partial", job)
+
+    def asr_idle(self) -> bool:
+        pool = getattr(self.service.engine, "pool", None)
+        return pool is None or len(pool) == 0

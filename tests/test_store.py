@@ -1,0 +1,288 @@
+"""Contract tests of the session store, run unchanged against every backend.
+
+SQLite runs on a temporary file; Redis against a real ``redis-server`` started on a free loopback
+port (skipped only when the binary is absent: ``make test`` installs it through ``system-deps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import time
+import uuid
+
+import pytest
+
+from app.store import SessionNotFound, open_store
+from app.store.redis import RedisStore
+from app.store.sqlite import SQLiteStore
+from tests.stream_support import redis_server
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make system-deps installs it)")
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request, tmp_path):
+    """A factory of store instances that all see the same data (like replicas or a restart)."""
+    if request.param == "sqlite":
+        path = tmp_path / "sessions.db"
+        return lambda: SQLiteStore(path, poll_interval_s=0.2)
+    url = request.getfixturevalue("redis_url")
+    prefix = f"t{next(_prefixes)}:"  # isolates tests sharing the server
+    return lambda: RedisStore(url, prefix=prefix)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def result(label="happy", channel=0, start=0.0, end=1.0, text="hi"):
+    probs = {"angry": 0.1, "happy": 0.1, "neutral": 0.1, "sad": 0.1}
+    probs[label] = 0.7
+    return {
+        "channel": channel,
+        "start": start,
+        "end": end,
+        "text": text,
+        "words": [{"word": text, "start": start, "end": end, "confidence": 0.9}],
+        "emotion": {"label": label, "probabilities": probs, "per_model": {}},
+    }
+
+
+def sid() -> str:
+    return uuid.uuid4().hex
+
+
+def test_open_get_reopen(make_store):
+    async def body():
+        store = make_store()
+        s = sid()
+        assert await store.get_session(s) is None
+        opened = await store.open_session(s, {"agent": "a1"}, source="rest")
+        assert opened["id"] == s and opened["state"] == "active" and opened["source"] == "rest"
+        assert opened["metadata"] == {"agent": "a1"}
+        assert opened["result_count"] == 0 and opened["last_result"] is None
+        assert opened["emotion"] == {"n": 0, "label": None, "counts": {}, "mean_probabilities": {}}
+        await store.close_session(s)
+        ended = await store.get_session(s)
+        assert ended["state"] == "ended" and ended["ended_at"] is not None
+        again = await store.open_session(s, {"call": 7}, source="stream")
+        assert again["state"] == "active" and again["ended_at"] is None
+        assert again["created_at"] == opened["created_at"] and again["source"] == "rest"
+        assert again["metadata"] == {"agent": "a1", "call": 7}
+        with pytest.raises(ValueError):
+            await store.open_session(sid(), source="carrier-pigeon")
+        await store.close()
+
+    run(body())
+
+
+def test_append_sequence_and_aggregates(make_store):
+    async def body():
+        store = make_store()
+        s = sid()
+        await store.open_session(s)
+        seqs = [
+            await store.append_result(s, result("happy", 0, 0.0, 1.0)),
+            await store.append_result(s, result("sad", 1, 0.5, 2.5)),
+            await store.append_result(s, result("happy", 0, 3.0, 4.0, text="bye")),
+        ]
+        assert seqs == [1, 2, 3]
+        got = await store.results(s)
+        assert [r["seq"] for r in got] == [1, 2, 3]
+        assert all(r["session_id"] == s for r in got)
+        assert got[1]["channel"] == 1 and got[1]["text"] == "hi" and got[1]["words"][0]["confidence"] == 0.9
+        assert [r["seq"] for r in await store.results(s, after=1)] == [2, 3]
+        assert [r["seq"] for r in await store.results(s, after=0, limit=2)] == [1, 2]
+        assert await store.results(s, after=3) == []
+        view = await store.get_session(s)
+        assert view["result_count"] == 3 and view["last_seq"] == 3
+        assert view["channels"] == [0, 1]
+        assert view["audio_duration_s"] == 4.0
+        assert view["emotion"]["n"] == 3 and view["emotion"]["counts"] == {"happy": 2, "sad": 1}
+        mean = view["emotion"]["mean_probabilities"]
+        assert mean["happy"] == pytest.approx((0.7 + 0.1 + 0.7) / 3)
+        assert sum(mean.values()) == pytest.approx(1.0)
+        assert view["emotion"]["label"] == "happy"
+        assert view["last_result"]["seq"] == 3 and view["last_result"]["text"] == "bye"
+        with pytest.raises(SessionNotFound):
+            await store.append_result(sid(), result())
+        # A result without emotion counts as a result but not in the distribution.
+        no_emotion = {"channel": 0, "start": 5.0, "end": 6.0, "text": "", "words": [], "emotion": None}
+        assert await store.append_result(s, no_emotion) == 4
+        view = await store.get_session(s)
+        assert view["result_count"] == 4 and view["emotion"]["n"] == 3
+        await store.close()
+
+    run(body())
+
+
+def test_concurrent_appends_are_unique_and_gap_free(make_store):
+    async def body():
+        a, b = make_store(), make_store()  # two "replicas"
+        s = sid()
+        await a.open_session(s)
+        seqs = await asyncio.gather(
+            *[(a if i % 2 else b).append_result(s, result(text=str(i))) for i in range(40)]
+        )
+        assert sorted(seqs) == list(range(1, 41))
+        stored = await a.results(s)
+        assert [r["seq"] for r in stored] == list(range(1, 41))
+        assert sorted(int(r["text"]) for r in stored) == list(range(40))
+        await a.close()
+        await b.close()
+
+    run(body())
+
+
+def test_list_filters_and_order(make_store):
+    async def body():
+        store = make_store()
+        ids = [sid() for _ in range(4)]
+        for s in ids:
+            await store.open_session(s)
+            await asyncio.sleep(0.01)  # distinct updated_at
+        await store.close_session(ids[0])
+        await store.append_result(ids[1], result())  # newest update
+        listed = await store.list_sessions()
+        mine = [x["id"] for x in listed if x["id"] in ids]
+        assert mine[0] == ids[1] and set(mine) == set(ids)
+        assert {x["id"] for x in await store.list_sessions(state="ended")} & set(ids) == {ids[0]}
+        active = {x["id"] for x in await store.list_sessions(state="active")}
+        assert set(ids[1:]) <= active and ids[0] not in active
+        assert len(await store.list_sessions(limit=2)) == 2
+        with pytest.raises(ValueError):
+            await store.list_sessions(state="paused")
+        await store.close()
+
+    run(body())
+
+
+def test_long_poll_wakes_on_append_from_another_instance(make_store):
+    async def body():
+        reader, writer = make_store(), make_store()
+        s = sid()
+        await writer.open_session(s)
+
+        async def append_later():
+            await asyncio.sleep(0.3)
+            await writer.append_result(s, result())
+
+        t0 = time.monotonic()
+        got, _ = await asyncio.gather(reader.results(s, after=0, wait_s=10.0), append_later())
+        waited = time.monotonic() - t0
+        assert [r["seq"] for r in got] == [1]
+        assert waited < 2.0  # far below wait_s
+        # Same instance: woken in-process, promptly.
+        t0 = time.monotonic()
+        got, _ = await asyncio.gather(writer.results(s, after=1, wait_s=10.0), append_later())
+        assert [r["seq"] for r in got] == [2] and time.monotonic() - t0 < 1.5
+        await reader.close()
+        await writer.close()
+
+    run(body())
+
+
+def test_long_poll_times_out_and_returns_on_end_or_delete(make_store):
+    async def body():
+        store = make_store()
+        s = sid()
+        await store.open_session(s)
+        t0 = time.monotonic()
+        assert await store.results(s, after=0, wait_s=0.4) == []
+        assert 0.35 <= time.monotonic() - t0 < 2.0
+
+        async def later(coro):
+            await asyncio.sleep(0.2)
+            await coro
+
+        t0 = time.monotonic()
+        got, _ = await asyncio.gather(store.results(s, wait_s=10.0), later(store.close_session(s)))
+        assert got == [] and time.monotonic() - t0 < 1.5
+        # Ended: no wait at all.
+        t0 = time.monotonic()
+        assert await store.results(s, wait_s=10.0) == [] and time.monotonic() - t0 < 0.5
+
+        s2 = sid()
+        await store.open_session(s2)
+        t0 = time.monotonic()
+        got, _ = await asyncio.gather(store.results(s2, wait_s=10.0), later(store.delete_session(s2)))
+        assert got == [] and time.monotonic() - t0 < 1.5
+        # Unknown sessions answer at once.
+        assert await store.results(sid(), wait_s=10.0) == []
+        await store.close()
+
+    run(body())
+
+
+def test_delete(make_store):
+    async def body():
+        store = make_store()
+        s = sid()
+        await store.open_session(s)
+        await store.append_result(s, result())
+        assert await store.delete_session(s) is True
+        assert await store.get_session(s) is None
+        assert await store.results(s) == []
+        assert s not in {x["id"] for x in await store.list_sessions()}
+        assert await store.delete_session(s) is False
+        # The id can be used again from scratch.
+        await store.open_session(s)
+        assert await store.append_result(s, result()) == 1
+        await store.close()
+
+    run(body())
+
+
+def test_persists_across_reopen(make_store):
+    async def body():
+        first = make_store()
+        s = sid()
+        await first.open_session(s, {"k": "v"})
+        await first.append_result(s, result("angry"))
+        await first.close_session(s)
+        await first.close()
+
+        second = make_store()  # a restart: new instance, same file / same server
+        view = await second.get_session(s)
+        assert view["state"] == "ended" and view["metadata"] == {"k": "v"}
+        assert view["emotion"]["counts"] == {"angry": 1}
+        assert [r["seq"] for r in await second.results(s)] == [1]
+        await second.open_session(s)
+        assert await second.append_result(s, result()) == 2  # numbering continues
+        await second.close()
+
+    run(body())
+
+
+def test_open_store_picks_backend(tmp_path):
+    from app.settings import Settings
+
+    store = open_store(Settings(store="sqlite", sqlite_path=tmp_path / "x.db"))
+    assert isinstance(store, SQLiteStore)
+    assert isinstance(open_store(Settings(store="redis", redis_url="redis://127.0.0.1:1/0")), RedisStore)
+    with pytest.raises(ValueError):
+        open_store(Settings(store="mongo"))
+    run(store.close())
+
+
+def test_sqlite_uses_wal(tmp_path):
+    import sqlite3
+
+    async def body():
+        store = SQLiteStore(tmp_path / "w.db")
+        await store.open_session("x")
+        await store.close()
+
+    run(body())
+    mode = sqlite3.connect(tmp_path / "w.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
