@@ -11,9 +11,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+
+# Spinning OpenMP workers made 2-thread training 10x slower whenever another process held a core.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from training.data import DATASETS, LABEL_SETS, load_dataset
 from training.models import MODEL_IDS, model_classes

@@ -80,6 +80,9 @@ class CmtAwcConfig:
     sa_correct_audio: bool = True  # sa-correction also on the acoustic pooling (frame CM)
     frame_stride: int = 4  # average 4 frames (40 ms) before the BLSTM: 4x less work (paper: 1)
     dropout: float = 0.4
+    # Per-utterance mean/variance normalisation of the acoustic frames (CMVN). Not in the paper;
+    # it removes speaker and channel offsets, which dominate with few training speakers.
+    utterance_norm: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -131,6 +134,15 @@ class CrossmodalLayer(nn.Module):
         x = self.norm1(q + self.dropout(a))
         out = self.norm2(x + self.dropout(self.ffn(x)))
         return out * q_mask.unsqueeze(-1)  # keep padded steps at zero
+
+
+def utterance_cmvn(x: Tensor, mask: Tensor) -> Tensor:
+    """Normalise each utterance's valid frames to zero mean, unit variance per dimension."""
+    m = mask.unsqueeze(-1)
+    n = m.sum(1, keepdim=True).clamp(min=1.0)
+    mean = (x * m).sum(1, keepdim=True) / n
+    var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / n
+    return (x - mean) / torch.sqrt(var + 1e-5) * m
 
 
 class ConfidenceCorrection(nn.Module):
@@ -214,6 +226,8 @@ class CmtAwc(nn.Module):
         x = dict(zip(self.input_names, inputs, strict=True))
         a_mask, t_mask = x["frames33_mask"], x["words_mask"]
         frames = self.norm_frames(x["frames33"])
+        if self.config.utterance_norm:
+            frames = utterance_cmvn(frames, a_mask)
         frames, a_cm, a_mask = self._subsample(frames, x.get("frames33_cm"), a_mask)
         t_cm = x.get("words_cm")
 
