@@ -249,6 +249,10 @@ class EmotionService:
             speech_pad_ms=s.vad_speech_pad_ms,
             max_speech_s=max_s,
         )
+        if regions and len(samples) <= int(max_s * SAMPLE_RATE):
+            # A channel that fits one utterance is analysed whole, exactly as the training clips
+            # were (leading/trailing silence included): VAD-cropped audio gives other encoder frames.
+            return [SpeechRegion(0, len(samples))]
         return split_long(regions, int(max_s * SAMPLE_RATE))
 
     async def predict(
