@@ -44,6 +44,7 @@ serve: $(VENV)/.serve
 	$(VENV)/bin/emotion-server serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.test system-deps
+	$(PY) -m ruff check app training tests bench
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.test
