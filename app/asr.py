@@ -136,6 +136,22 @@ class Recognizer:
         self._model.encode = capturing_encode
         log.info("ASR: faster-whisper %s on %s (%s)", path, self.device, compute_type)
 
+    @classmethod
+    def from_settings(
+        cls, settings, cpu_threads: int | None = None, num_workers: int | None = None
+    ) -> Recognizer:
+        """A recognizer configured by ``app.settings.Settings``; thread counts may be overridden."""
+        s = settings
+        return cls(
+            model_path=s.asr_model or None,
+            device=s.device,
+            compute_type=s.asr_compute_type,
+            beam_size=s.asr_beam_size,
+            language=s.asr_language,
+            cpu_threads=s.asr_cpu_threads if cpu_threads is None else cpu_threads,
+            num_workers=s.asr_workers if num_workers is None else num_workers,
+        )
+
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """Transcribe 16-kHz mono float32 audio; no VAD (callers split utterances first)."""
         import time

@@ -384,23 +384,11 @@ class Engine:
         self.cards, self.runners = cards, runners
 
     def _build_analyzer(self):
-        from app.asr import Recognizer
         from app.pipeline import Analyzer
-        from app.text import TextEncoder
 
-        s = self.settings
-        recognizer = Recognizer(
-            model_path=s.asr_model or None,
-            device=s.device,
-            compute_type=s.asr_compute_type,
-            beam_size=s.asr_beam_size,
-            language=s.asr_language,
-            cpu_threads=self.plan.asr_threads,
-            num_workers=self.plan.asr_workers,
+        return Analyzer.from_settings(
+            self.settings, asr_threads=self.plan.asr_threads, asr_workers=self.plan.asr_workers
         )
-        # The text encoder runs right after ASR in the same worker, so it uses ASR's thread share.
-        text_encoder = TextEncoder(s.text_model or None, providers=[CPU], threads=self.plan.asr_threads)
-        return Analyzer(recognizer, text_encoder)
 
     async def warmup(self) -> None:
         """One dummy utterance through ASR and every model (first-run allocations, lazy inits)."""

@@ -76,22 +76,20 @@ class Analyzer:
         self.config = config or FeatureConfig()
 
     @classmethod
-    def from_settings(cls, settings=None, providers=None) -> Analyzer:
+    def from_settings(
+        cls, settings=None, asr_threads: int | None = None, asr_workers: int | None = None
+    ) -> Analyzer:
+        """ASR and text encoder configured by ``app.settings.Settings``. The text encoder runs right
+        after ASR in the same worker, so it gets ASR's thread share (``asr_threads``)."""
         from app.asr import Recognizer
         from app.settings import get_settings
         from app.text import TextEncoder
 
         s = settings or get_settings()
-        recognizer = Recognizer(
-            model_path=s.asr_model or None,
-            device=s.device,
-            compute_type=s.asr_compute_type,
-            beam_size=s.asr_beam_size,
-            language=s.asr_language,
-            cpu_threads=s.asr_cpu_threads,
-            num_workers=s.asr_workers,
+        recognizer = Recognizer.from_settings(s, cpu_threads=asr_threads, num_workers=asr_workers)
+        text_encoder = TextEncoder(
+            s.text_model or None, providers=["CPUExecutionProvider"], threads=asr_threads or 0
         )
-        text_encoder = TextEncoder(s.text_model or None, providers=providers)
         return cls(recognizer, text_encoder)
 
     def analyze(self, audio: np.ndarray) -> Analysis:

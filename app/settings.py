@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     asr_cpu_threads: int = Field(0, description="CTranslate2 intra-op threads; 0 = number of cores")
     # 2 single-threaded transcriptions beat 1 two-threaded one on 2 cores: +38% throughput, p95 at
     # concurrency 16 down from 6.2 s to 4.7 s, for +0.09 s at concurrency 1 (bench/predict_bench.py).
-    asr_workers: int = Field(2, description="transcriptions that may run at once (threads split between them)")
+    asr_workers: int = Field(
+        2, description="transcriptions that may run at once (threads split between them)"
+    )
 
     # --- text encoder -------------------------------------------------------------------
     text_model: str = Field("", description="ONNX text encoder directory; empty = bundled all-MiniLM-L6-v2")

@@ -214,15 +214,7 @@ def asr_baseline(clips: list[tuple[Path, bytes, float]]) -> dict:
 
     s = Settings()
     plan = ThreadPlan.from_settings(s)
-    rec = Recognizer(
-        model_path=s.asr_model or None,
-        device=s.device,
-        compute_type=s.asr_compute_type,
-        beam_size=s.asr_beam_size,
-        language=s.asr_language,
-        cpu_threads=plan.asr_threads,
-        num_workers=1,
-    )
+    rec = Recognizer.from_settings(s, cpu_threads=plan.asr_threads, num_workers=1)
     audios = [decode(data).mono for _, data, _ in clips]
     rec.transcribe(audios[0])  # warm-up
     times = []
