@@ -112,6 +112,13 @@ class ModelCard:
         )
 
 
+def _parts_note(feature_config: dict | None) -> str:
+    """`` (speech_encoder=..., word_vectors=...)`` for the pretrained parts a feature config names."""
+    parts = {k: (feature_config or {}).get(k) for k in ("speech_encoder", "word_vectors")}
+    named = ", ".join(f"{k}={v}" for k, v in parts.items() if v)
+    return f" ({named})" if named else " (default parts)" if feature_config else ""
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -355,8 +362,10 @@ class Engine:
                 )
             if card.feature_config_digest and card.feature_config_digest != digest:
                 raise ModelLoadError(
-                    f"model {card.id} was trained on features {card.feature_config_digest}, "
-                    f"the server computes {digest}: retrain or export it again"
+                    f"model {card.id} was trained on features {card.feature_config_digest}"
+                    f"{_parts_note(card.raw.get('feature_config'))}, the server computes {digest}"
+                    f"{_parts_note(self.analyzer.config.to_dict())}: configure the server as the model "
+                    "was trained (EMOTION_SPEECH_ENCODER, EMOTION_GLOVE_PATH), or retrain it"
                 )
         self.providers = choose_providers(s.device)
         self.classes = next(iter(cards.values())).classes
@@ -438,9 +447,8 @@ class Engine:
         pool = self._require_pool()
         analysis = await pool.run(key, self.analyzer.analyze, audio, timeout_s=timeout_s)
         metrics.ASR_SECONDS.observe(analysis.timing_ms.get("asr", 0.0) / 1000.0)
-        metrics.FEATURE_SECONDS.observe(
-            (analysis.timing_ms.get("text", 0.0) + analysis.timing_ms.get("features", 0.0)) / 1000.0
-        )
+        feature_ms = sum(analysis.timing_ms.get(k, 0.0) for k in ("text", "features", "speech_encoder"))
+        metrics.FEATURE_SECONDS.observe(feature_ms / 1000.0)
         return analysis
 
     async def infer(

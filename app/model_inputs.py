@@ -11,12 +11,12 @@ with zeros (masks are 1.0 for real steps, 0.0 for padding).
 | frames33_cm     | (T,)           | cmt-awc          | confidence of the word covering each frame    |
 | frames33_mask   | (T,)           | cmt-awc          |                                               |
 | words           | (W, D)         | cmt-awc, 3m-ser  | contextual vector per ASR word                |
-| words_static    | (W, D)         | adf              | input-embedding vector per word (GloVe sub.)  |
+| words_static    | (W, D)         | adf              | static vector per word (GloVe or substitute)+ |
 | words_cm        | (W,)           | cmt-awc          | ASR confidence per word                       |
 | words_mask      | (W,)           | all text models  |                                               |
 | mfcc_seg        | (S, 300, 40)   | ca-mser          | HTK MFCC-40 per 3-s segment                   |
 | spec_seg        | (S, 300, 200)  | ca-mser          | linear spectrogram per 3-s segment            |
-| enc_seg         | (S, 150, E)    | ca-mser          | Whisper encoder frames per 3-s segment        |
+| enc_seg         | (S, 150, E)    | ca-mser          | wav2vec2 or Whisper frames per 3-s segment+   |
 | seg_mask        | (S,)           | ca-mser          |                                               |
 | waveform        | (N,)           | adf              | raw 16-kHz samples (chunked inside the graph) |
 | waveform_mask   | (N,)           | adf              |                                               |
@@ -25,6 +25,12 @@ with zeros (masks are 1.0 for real steps, 0.0 for padding).
 | patch_mask      | (P,)           | 3m-ser           | one per 0.96-s patch (both patch kinds)       |
 | encoder         | (Te, E)        | baseline         | Whisper encoder frames                        |
 | encoder_mask    | (Te,)          | baseline         |                                               |
+
++ Pretrained parts (SPEC §2): ``words_static`` holds ``Analysis.word_vectors`` (a local GloVe file,
+``app.word_vectors``) when the analyzer has one, else the text encoder's input-embedding vectors
+(the GloVe substitute); ``enc_seg`` holds ``Analysis.speech_frames`` (wav2vec2 run on each 3-s
+segment, ``app.speech_encoder``) when the analyzer has a speech encoder, else the Whisper encoder
+frames cut into 3-s segments.
 """
 
 from __future__ import annotations
@@ -56,12 +62,12 @@ def model_inputs(analysis, max_words: int = 100) -> dict[str, np.ndarray]:
         "frames33_cm": F.frame_confidence(tr.words, T),
         "frames33_mask": ones(T, np.float32),
         "words": tx.contextual[:W],
-        "words_static": tx.static[:W],
+        "words_static": _static_words(analysis)[:W],
         "words_cm": tx.confidence[:W],
         "words_mask": ones(W, np.float32),
         "mfcc_seg": _segments(ac.mfcc40, SEGMENT_FRAMES, n_seg),
         "spec_seg": _segments(ac.spectrogram, SEGMENT_FRAMES, n_seg),
-        "enc_seg": _segments(enc, SEGMENT_ENC_FRAMES, n_seg),
+        "enc_seg": _enc_segments(analysis, enc, n_seg),
         "seg_mask": ones(n_seg, np.float32),
         "waveform": analysis.audio.astype(np.float32, copy=False),
         "waveform_mask": ones(len(analysis.audio), np.float32),
@@ -71,6 +77,24 @@ def model_inputs(analysis, max_words: int = 100) -> dict[str, np.ndarray]:
         "encoder": enc,
         "encoder_mask": ones(len(enc), np.float32),
     }
+
+
+def _static_words(analysis) -> np.ndarray:
+    vectors = getattr(analysis, "word_vectors", None)
+    return analysis.text.static if vectors is None else vectors
+
+
+def _enc_segments(analysis, enc: np.ndarray, n_seg: int) -> np.ndarray:
+    """(n_seg, 150, E): the speech encoder's own per-segment frames when it ran, else the Whisper
+    encoder frames cut into 3-s segments."""
+    frames = getattr(analysis, "speech_frames", None)
+    if frames is None:
+        return _segments(enc, SEGMENT_ENC_FRAMES, n_seg)
+    if frames.shape[:2] != (n_seg, SEGMENT_ENC_FRAMES):
+        raise ValueError(
+            f"speech frames {frames.shape} do not match {n_seg} segments of {SEGMENT_ENC_FRAMES}"
+        )
+    return frames.astype(np.float32, copy=False)
 
 
 def _segments(x: np.ndarray, length: int, n_seg: int) -> np.ndarray:

@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     # --- text encoder -------------------------------------------------------------------
     text_model: str = Field("", description="ONNX text encoder directory; empty = bundled all-MiniLM-L6-v2")
 
+    # --- paper-faithful pretrained parts (SPEC §2); they change the feature digest ---------
+    speech_encoder: str = Field(
+        "",
+        description="wav2vec2 ONNX directory (python -m training.speech_encoder_export) for ca-mser; "
+        "empty = Whisper encoder frames",
+    )
+    glove_path: str = Field(
+        "", description="GloVe text file for adf's word vectors; empty = the text encoder's input embeddings"
+    )
+
     # --- batching -------------------------------------------------------------------------
     max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
