@@ -121,6 +121,22 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--cache-dir", default="cache", help="feature cache root (default: cache)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g = p.add_argument_group(
+        "pretrained parts (SPEC §2; each changes the feature digest: cache directory and model cards)"
+    )
+    g.add_argument(
+        "--speech-encoder",
+        metavar="DIR",
+        help="wav2vec2 ONNX directory made by python -m training.speech_encoder_export: ca-mser's enc_seg "
+        "becomes wav2vec2 frames per 3-s segment (default: Whisper encoder frames); serve with "
+        "EMOTION_SPEECH_ENCODER=DIR",
+    )
+    g.add_argument(
+        "--glove",
+        metavar="FILE",
+        help="GloVe text file ('word v1 ... vD' lines): adf's words_static becomes GloVe vectors (default: "
+        "the text encoder's input embeddings); serve with EMOTION_GLOVE_PATH=FILE",
+    )
 
 
 def _add_protocol(p: argparse.ArgumentParser) -> None:
@@ -243,19 +259,43 @@ class Context:
     """Loaded corpus + cache shared by the commands."""
 
     def __init__(self, args):
+        from app.pipeline import FeatureConfig
         from training.cache import FeatureCache
 
         self.args = args
         self.clips = load_dataset(args.dataset, args.data, args.labels)
         self.classes = LABEL_SETS[args.labels]
-        self.cache = FeatureCache(args.cache_dir)
+        # hashes the pretrained parts' files (the digest keys the cache); loads nothing yet
+        self.config = FeatureConfig.for_parts(args.speech_encoder, args.glove)
+        self.cache = FeatureCache(args.cache_dir, self.config)
+
+    def analyzer(self):
+        """The Analyzer for cache misses (built on the first miss), with the pretrained parts asked for."""
+        from app.pipeline import Analyzer
+
+        speech_encoder = word_vectors = None
+        if self.args.speech_encoder:
+            from app.speech_encoder import SpeechEncoder
+
+            speech_encoder = SpeechEncoder(self.args.speech_encoder)
+        if self.args.glove:
+            from app.word_vectors import WordVectors
+
+            word_vectors = WordVectors.load(self.args.glove)
+        return Analyzer(config=self.config, speech_encoder=speech_encoder, word_vectors=word_vectors)
 
     def samples(self, names):
         from training.cache import CacheStats, prepare
 
         stats = CacheStats()
         out = prepare(
-            self.clips, self.classes, self.cache, names, progress=not self.args.no_progress, stats=stats
+            self.clips,
+            self.classes,
+            self.cache,
+            names,
+            analyzer=self.analyzer,
+            progress=not self.args.no_progress,
+            stats=stats,
         )
         log.info(
             "cache %s: %d hits, %d analysed, %.0f s", self.cache.dir, stats.hits, stats.misses, stats.seconds
@@ -294,10 +334,56 @@ def _model_samples(ctx: Context, model_id: str, overrides: dict):
     return ctx.samples(model_input_names(model_id, len(ctx.classes), overrides))
 
 
+# config field that must equal the width (last axis) of an input: the data decides it, e.g. 768-d
+# wav2vec2 frames for ca-mser, 300-d GloVe vectors for adf, 768-d BERT vectors for the text models
+DATA_DIMS: dict[str, dict[str, str]] = {
+    "cmt-awc": {"words": "text_dim"},
+    "ca-mser": {"enc_seg": "enc_dim"},
+    "adf": {"words_static": "word_dim"},
+    "3m-ser": {"enc_patches": "enc_dim", "words": "text_dim"},
+}
+
+
+def data_dims(model_id: str, overrides: dict, samples) -> dict:
+    """``overrides`` plus the input widths of ``samples`` where they differ from the config defaults
+    (the defaults fit the default features); a ``--set`` that contradicts the data is an error."""
+    if not samples:
+        return overrides
+    _, cfg_cls = model_classes(model_id)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg_cls)}
+    out = dict(overrides)
+    for name, key in DATA_DIMS.get(model_id, {}).items():
+        x = samples[0].inputs.get(name)
+        if x is None or key not in defaults:
+            continue
+        width = int(x.shape[-1])
+        if key in out:
+            if int(out[key]) != width:
+                raise SystemExit(f"{model_id}: --set {key}={out[key]}, but the {name} features are {width}-d")
+        elif width != defaults[key]:
+            out[key] = width
+            log.info("%s: %s=%d from the %s features", model_id, key, width, name)
+    return out
+
+
+def stamp_features(report: dict, config) -> None:
+    """Put the feature config the samples were computed with into a run report (the trainer
+    records the default one) and rewrite its report.json."""
+    if report.get("feature_config_digest") == config.digest():
+        return
+    report["feature_config"] = config.to_dict()
+    report["feature_config_digest"] = config.digest()
+    if report.get("_path"):
+        Path(report["_path"]).write_text(
+            json.dumps({k: v for k, v in report.items() if k != "_path"}, indent=1)
+        )
+
+
 def run_cv(ctx: Context, model_id: str, overrides: dict, samples=None):
     from training.trainer import cross_validate
 
     samples = samples if samples is not None else _model_samples(ctx, model_id, overrides)
+    overrides = data_dims(model_id, overrides, samples)
     a = ctx.args
     res = cross_validate(
         model_id,
@@ -310,6 +396,7 @@ def run_cv(ctx: Context, model_id: str, overrides: dict, samples=None):
         ctx.dataset(samples),
         a.out,
     )
+    stamp_features(res.report, ctx.config)
     _print_result(res.report)
     return res, samples
 
@@ -319,6 +406,7 @@ def run_export(ctx: Context, model_id: str, overrides: dict, samples, cv_report:
     from training.trainer import train_final
 
     a = ctx.args
+    overrides = data_dims(model_id, overrides, samples)
     epochs = None
     if cv_report and cv_report.get("best_epochs"):
         epochs = max(1, int(sorted(cv_report["best_epochs"])[len(cv_report["best_epochs"]) // 2]))
@@ -340,6 +428,7 @@ def run_export(ctx: Context, model_id: str, overrides: dict, samples, cv_report:
         ctx.dataset(samples),
         cv_report,
         how,
+        feature_config=ctx.config,
     )
     print(
         f"exported {Path(a.models_dir) / card['onnx']} (parity max diff {card['parity']['max_abs_diff']:.2e})"
@@ -387,7 +476,14 @@ def cmd_baseline(args):
     ctx = Context(args)
     samples = ctx.samples(INPUT_NAMES)
     res = cross_validate_baseline(
-        samples, ctx.classes, ctx.folds(), args.seed, args.protocol, ctx.dataset(samples), args.out
+        samples,
+        ctx.classes,
+        ctx.folds(),
+        args.seed,
+        args.protocol,
+        ctx.dataset(samples),
+        args.out,
+        feature_config=ctx.config,
     )
     _print_result(res.report)
     return res

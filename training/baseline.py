@@ -59,8 +59,10 @@ def cross_validate_baseline(
     protocol: str = "speaker-kfold",
     dataset: dict | None = None,
     out_root: str | Path = "runs",
+    feature_config: FeatureConfig | None = None,
 ) -> CVResult:
     t0 = time.perf_counter()
+    fc = feature_config or FeatureConfig()
     n = len(classes)
     x = pooled_encoder(samples)
     y = np.array([s.label for s in samples])
@@ -98,8 +100,8 @@ def cross_validate_baseline(
         "train_settings": {"seed": seed},
         "classes": list(classes),
         "dataset": dataset or {},
-        "feature_config": FeatureConfig().to_dict(),
-        "feature_config_digest": FeatureConfig().digest(),
+        "feature_config": fc.to_dict(),
+        "feature_config_digest": fc.digest(),
         "protocol": protocol_block(protocol, folds, seed),
         "metrics": overall,
         "folds": per_fold,

@@ -132,6 +132,11 @@ class _LazyAnalyzer:
                 self._analyzer = self._source
             else:
                 self._analyzer = self._source()
+            config = getattr(self._analyzer, "config", None)
+            if config is not None and config.digest() != self._config.digest():
+                raise ValueError(
+                    f"the analyzer computes features {config.digest()}, the cache holds {self._config.digest()}"
+                )
         return self._analyzer
 
 

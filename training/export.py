@@ -163,8 +163,12 @@ def export_model(
     cv_report: dict | None = None,
     training: dict | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    feature_config: FeatureConfig | None = None,
 ) -> dict:
-    """Write ``<out_dir>/<id>.onnx`` and ``<out_dir>/<id>.json``; raise if parity fails."""
+    """Write ``<out_dir>/<id>.onnx`` and ``<out_dir>/<id>.json``; raise if parity fails.
+
+    ``feature_config``: the config the samples were computed with (default: the default config);
+    its digest goes to the card, and the server refuses the model unless it computes the same."""
     out_dir = Path(out_dir)
     onnx_path = export_onnx(model, parity_samples(samples), out_dir / f"{model_id}.onnx")
     check = parity(model, onnx_path, parity_samples(samples))
@@ -173,7 +177,7 @@ def export_model(
             f"{model_id}: ONNX Runtime differs from torch by {check['max_abs_diff']:.2e} (>= {tolerance})"
         )
     names = tuple(model.input_names)
-    fc = FeatureConfig()
+    fc = feature_config or FeatureConfig()
     kind = (dataset or {}).get("kind", "")
     card = {
         "id": model_id,
