@@ -73,3 +73,14 @@ def test_collate_pads_with_zeros_and_masks(analysis, analyzer):
 def test_feature_config_digest_is_stable_and_sensitive():
     assert FeatureConfig().digest() == FeatureConfig().digest()
     assert FeatureConfig().digest() != FeatureConfig(chunk_shift_s=0.02).digest()
+
+
+def test_default_feature_digest_is_pinned():
+    """Shipped model cards and the RAVDESS feature cache are keyed by this digest: options added
+    later (pretrained parts) must leave it unchanged while they hold their defaults."""
+    assert FeatureConfig().digest() == "313dcb849f9227be"
+    assert FeatureConfig.for_parts() == FeatureConfig()
+    assert FeatureConfig.for_parts(speech_encoder=None, glove="") == FeatureConfig()
+    assert not {"speech_encoder", "word_vectors"} & set(FeatureConfig().to_dict())
+    assert FeatureConfig(word_vectors="glove.txt:0123456789ab").digest() != FeatureConfig().digest()
+    assert FeatureConfig(speech_encoder="w2v:0123456789ab").to_dict()["speech_encoder"] == "w2v:0123456789ab"
