@@ -261,3 +261,25 @@ def test_train_cv_export_smoke(model_id, cached, tiny_registered, tmp_path):
         json.loads((tmp_path / "models" / f"{model_id}.json").read_text())["feature_config_digest"]
         == card["feature_config_digest"]
     )
+
+
+def test_seed_ensemble_with_augmentation_trains_and_exports(cached, tmp_path):
+    """``members`` trains copies with consecutive seeds (different weights) and exports their mean."""
+    from training.export import export_model
+    from training.models.layers import SeedEnsemble
+    from training.trainer import fit, make_settings, predict_proba
+
+    samples = cached["samples"]
+    overrides = _smoke_overrides("3m-ser")
+    settings = make_settings("3m-ser", epochs=2, batch_size=4, threads=1, augment=True, members=2)
+    result = fit("3m-ser", len(CLASSES), samples[:6], samples[6:], settings, overrides)
+    assert isinstance(result.model, SeedEnsemble) and len(result.model.members) == 2
+    a, b = (list(m.parameters())[0] for m in result.model.members)
+    assert not torch.equal(a, b)
+    probs = predict_proba(result.model, samples)
+    members = [predict_proba(m, samples) for m in result.model.members]
+    assert np.allclose(probs, np.mean(members, axis=0), atol=1e-5)
+    card = export_model(
+        "3m-ser", result.model, result.config, CLASSES, samples, tmp_path, {"kind": "ravdess"}
+    )
+    assert card["parity"]["max_abs_diff"] < 1e-4

@@ -186,10 +186,33 @@ def _add_training(p: argparse.ArgumentParser, need_model: bool = True) -> None:
     g.add_argument("--batch-size", type=int, help="batch size")
     g.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="feature noise + time masking + waveform noise while training (training/augment.py) "
+        "(default: the model's TRAIN_DEFAULTS)",
+    )
+    g.add_argument(
+        "--members",
+        type=int,
+        help="train this many copies with consecutive seeds and average their probabilities "
+        "(one exported model; default: the model's TRAIN_DEFAULTS, else 1)",
+    )
+    g.add_argument(
         "--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda (default: auto)"
     )
     g.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads; 0 = all usable cores (default: 0)"
+    )
+
+
+def _add_combine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--combine",
+        choices=("mean", "weighted"),
+        default="weighted",
+        help="mean of probabilities, or a weighted mean whose weights each test fold gets from the "
+        "other folds' out-of-fold predictions (leave-one-fold-out; default: weighted)",
     )
 
 
@@ -235,9 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("baseline", "logistic regression on pooled Whisper encoder frames, same folds")
     _add_data(p), _add_protocol(p)
+    p.add_argument(
+        "--speaker-norm",
+        action="store_true",
+        help="analysis only: standardise encoder frames per speaker over all its clips, test speakers "
+        "included (transductive; RAVDESS speakers have balanced emotions, a real caller need not)",
+    )
 
-    p = command("ensemble", "mean of the out-of-fold probabilities of several run reports")
+    p = command("ensemble", "combine the out-of-fold probabilities of several run reports")
     p.add_argument("reports", nargs="+", help="run directories or report.json files (same clips and folds)")
+    _add_combine(p)
     p.add_argument("--out", default="runs", help="root directory of run reports (default: runs)")
 
     p = command(
@@ -245,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cache + baseline + CV and export of every model + ensemble + models/RESULTS.md; by default on "
         "RAVDESS actors 01-18, 4class, speaker-independent 6-fold CV (3 actors per fold)",
     )
-    _add_data(p), _add_protocol(p), _add_training(p, need_model=False), _add_export(p)
+    _add_data(p), _add_protocol(p), _add_training(p, need_model=False), _add_export(p), _add_combine(p)
     p.add_argument(
         "--models", nargs="+", choices=MODEL_IDS, default=list(MODEL_IDS), help="models to run (default: all)"
     )
@@ -325,6 +355,8 @@ def _settings(args, model_id: str):
         seed=args.seed,
         device=args.device,
         threads=args.threads,
+        augment=args.augment,
+        members=args.members,
     )
 
 
@@ -484,6 +516,7 @@ def cmd_baseline(args):
         ctx.dataset(samples),
         args.out,
         feature_config=ctx.config,
+        speaker_norm=getattr(args, "speaker_norm", False),
     )
     _print_result(res.report)
     return res
@@ -492,7 +525,7 @@ def cmd_baseline(args):
 def cmd_ensemble(args):
     from training.trainer import ensemble_reports, load_report
 
-    res = ensemble_reports([load_report(r) for r in args.reports], args.out)
+    res = ensemble_reports([load_report(r) for r in args.reports], args.out, combine=args.combine)
     _print_result(res.report)
     return res
 
@@ -514,7 +547,7 @@ def cmd_train_defaults(args) -> None:
         members.append((res.report, card))
         del samples
     if len(members) >= 2:
-        ens = ensemble_reports([r for r, _ in members], args.out)
+        ens = ensemble_reports([r for r, _ in members], args.out, combine=args.combine)
         _print_result(ens.report)
         rows.append(ens.report)
         write_ensemble_card(Path(args.models_dir), ens.report, [c for _, c in members])
@@ -527,10 +560,12 @@ def write_ensemble_card(models_dir: Path, report: dict, cards: list[dict]) -> Pa
     card = {
         "id": "ensemble",
         "variant": report["variant"],
-        "combination": "mean of the member models' probabilities",
+        "combination": report["config"]["combination"],
         "members": [
-            {"id": c["id"], "variant": c["variant"], "onnx": c["onnx"], "sha256": c["sha256"]} for c in cards
+            {"id": c["id"], "variant": c["variant"], "onnx": c["onnx"], "sha256": c["sha256"], "weight": w}
+            for c, w in zip(cards, report["config"]["weights"], strict=True)
         ],
+        "fold_weights": report["config"].get("fold_weights", {}),
         "classes": report["classes"],
         "feature_config": report["feature_config"],
         "feature_config_digest": report["feature_config_digest"],

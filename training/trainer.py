@@ -31,8 +31,10 @@ from app.features import n_frames
 from app.model_inputs import SEGMENT_ENC_FRAMES, SEGMENT_FRAMES, collate
 from app.pipeline import FeatureConfig
 from training import metrics as M
+from training.augment import AugmentConfig, augment_batch
 from training.cache import Sample
 from training.models import REGISTRY, build_model, config_dict
+from training.models.layers import SeedEnsemble
 from training.protocols import Fold
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
     threads: int = 0  # torch CPU threads; 0 = the cores this process may use
+    augment: bool = False  # feature noise, time masking and waveform noise (``training.augment``)
+    members: int = 1  # trainings with seeds seed, seed+1, ... averaged into one model (SeedEnsemble)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,12 +215,15 @@ class FitResult:
     seconds: float = 0.0
 
 
-def batches(samples: Sequence[Sample], names: Sequence[str], size: int, device, order=None):
-    """Yield (tensors in ``names`` order, labels) batches built with ``app.model_inputs.collate``."""
+def batches(samples: Sequence[Sample], names: Sequence[str], size: int, device, order=None, transform=None):
+    """Yield (tensors in ``names`` order, labels) batches built with ``app.model_inputs.collate``;
+    ``transform`` (e.g. augmentation) maps the collated arrays before they become tensors."""
     order = np.arange(len(samples)) if order is None else order
     for lo in range(0, len(order), size):
         chunk = [samples[i] for i in order[lo : lo + size]]
         arrays = collate([s.inputs for s in chunk], names)
+        if transform is not None:
+            arrays = transform(arrays)
         tensors = [torch.from_numpy(arrays[n]).to(device) for n in names]
         labels = torch.tensor([s.label for s in chunk], dtype=torch.long, device=device)
         yield tensors, labels
@@ -262,6 +269,46 @@ def fit(
     overrides: dict | None = None,
     epochs: int | None = None,
 ) -> FitResult:
+    """Train on ``train`` (see ``fit_one``); with ``settings.members`` > 1, train that many copies
+    with consecutive seeds, each selecting its own best epoch, and return their ``SeedEnsemble``."""
+    if settings.members <= 1:
+        return fit_one(model_id, n_classes, train, val, settings, overrides, epochs)
+    t0 = time.perf_counter()
+    runs = [
+        fit_one(
+            model_id,
+            n_classes,
+            train,
+            val,
+            dataclasses.replace(settings, seed=settings.seed + k, members=1),
+            overrides,
+            epochs,
+        )
+        for k in range(settings.members)
+    ]
+    model = SeedEnsemble([r.model for r in runs]).eval()
+    best = int(np.median([r.best_epoch for r in runs]))
+    history = [{"member": k, **h} for k, r in enumerate(runs) for h in r.history]
+    return FitResult(
+        model,
+        runs[0].config,
+        runs[0].stats,
+        best,
+        max(r.epochs_run for r in runs),
+        history,
+        time.perf_counter() - t0,
+    )
+
+
+def fit_one(
+    model_id: str,
+    n_classes: int,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    settings: TrainSettings,
+    overrides: dict | None = None,
+    epochs: int | None = None,
+) -> FitResult:
     """Train on ``train``. With ``val``: keep the epoch with the best validation balanced accuracy
     (ties: lower validation loss) and stop after ``patience`` epochs without improvement. Without
     ``val``: train exactly ``epochs`` (default ``settings.epochs``) epochs and keep the last state."""
@@ -282,10 +329,15 @@ def fit(
     rng = np.random.default_rng(settings.seed)
     best_key, best_state, best_epoch, history = None, None, n_epochs, []
     y_val = [s.label for s in val]
+    transform = None
+    if settings.augment:
+        aug_rng, aug_cfg = np.random.default_rng(settings.seed + 1), AugmentConfig()
+        transform = lambda arrays: augment_batch(arrays, stats, aug_cfg, aug_rng)  # noqa: E731
     for epoch in range(1, n_epochs + 1):
         model.train()
         total, seen = 0.0, 0
-        for x, y in batches(train, names, settings.batch_size, device, rng.permutation(len(train))):
+        order = rng.permutation(len(train))
+        for x, y in batches(train, names, settings.batch_size, device, order, transform):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(*x), y)
             loss.backward()
@@ -522,17 +574,49 @@ def train_final(
         how = {
             "epochs_from": "inner validation split",
             "val_speakers": list(split.val_speakers),
-            "val_balanced_accuracy": probe.history[probe.best_epoch - 1].get("val_balanced_accuracy"),
+            "val_balanced_accuracy": (
+                probe.history[probe.best_epoch - 1].get("val_balanced_accuracy")
+                if settings.members <= 1
+                else None
+            ),
         }
     result = fit(model_id, n_classes, list(samples), [], settings, overrides, epochs=epochs)
     how.update(epochs=epochs, n_clips=len(samples), n_speakers=len({s.speaker for s in samples}))
     return result, how
 
 
+def simplex_grid(n: int, steps: int = 10) -> np.ndarray:
+    """Every weight vector of ``n`` non-negative multiples of 1/steps that sum to 1."""
+    import itertools
+
+    rows = [w for w in itertools.product(range(steps + 1), repeat=n) if sum(w) == steps]
+    return np.array(rows, np.float64) / steps
+
+
+def best_weights(probs: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Weights (members,) on the simplex grid maximising the balanced accuracy of the weighted mean
+    of ``probs`` (members, clips, classes); ties go to the weights closest to the plain mean."""
+    grid = simplex_grid(len(probs))
+    mixed = np.einsum("gm,mnc->gnc", grid, probs).argmax(-1)
+    scores = np.array([M.balanced_accuracy(y, p, n_classes) for p in mixed])
+    distance = np.abs(grid - 1.0 / len(probs)).sum(1)
+    return grid[np.lexsort((distance, -scores))[0]]
+
+
 def ensemble_reports(
-    reports: Sequence[dict], out_root: str | Path = "runs", name: str = "ensemble"
+    reports: Sequence[dict],
+    out_root: str | Path = "runs",
+    name: str = "ensemble",
+    combine: str = "mean",
 ) -> CVResult:
-    """Mean of the out-of-fold probabilities of several run reports (same clips, classes, folds)."""
+    """Combine the out-of-fold probabilities of several run reports (same clips, classes, folds).
+
+    ``combine="mean"``: the plain mean. ``combine="weighted"``: a weighted mean whose weights are
+    chosen, for each test fold, on the OTHER folds' out-of-fold predictions (leave-one-fold-out),
+    so a fold's labels never choose its own weights; the weights to ship are then chosen on all
+    folds and stored in the report (``config.weights``)."""
+    if combine not in ("mean", "weighted"):
+        raise ValueError("combine must be 'mean' or 'weighted'")
     if len(reports) < 2:
         raise ValueError("an ensemble needs at least two run reports")
     classes = reports[0]["classes"]
@@ -542,10 +626,22 @@ def ensemble_reports(
             raise ValueError(
                 f"report {r['model']}/{r['variant']} covers other clips or classes than {reports[0]['model']}"
             )
-    probs = np.mean([[r["oof"][p]["probabilities"] for p in paths] for r in reports], axis=0)
+    member_probs = np.array([[r["oof"][p]["probabilities"] for p in paths] for r in reports])
     first = reports[0]["oof"]
     y = np.array([classes.index(first[p]["label"]) for p in paths])
     fold_of = np.array([first[p]["fold"] for p in paths])
+    weights = np.full(len(reports), 1.0 / len(reports))
+    fold_weights = {}
+    if combine == "mean":
+        probs = member_probs.mean(axis=0)
+    else:
+        probs = np.zeros(member_probs.shape[1:])
+        for f in sorted(set(fold_of.tolist())):
+            out = fold_of != f
+            w = best_weights(member_probs[:, out], y[out], len(classes))
+            probs[~out] = np.einsum("m,mnc->nc", w, member_probs[:, ~out])
+            fold_weights[int(f)] = [round(float(v), 3) for v in w]
+        weights = best_weights(member_probs, y, len(classes))
     pred = probs.argmax(1)
     overall = M.summarize(y, pred, classes)
     per_fold = []
@@ -557,10 +653,22 @@ def ensemble_reports(
         vals = [pf[key] for pf in per_fold]
         overall[f"fold_mean_{key}"], overall[f"fold_std_{key}"] = float(np.mean(vals)), float(np.std(vals))
     members = [{"model": r["model"], "variant": r["variant"], "run": r.get("_path", "")} for r in reports]
+    for m, w in zip(members, weights, strict=True):
+        m["weight"] = round(float(w), 3)
+    how = (
+        "mean of probabilities"
+        if combine == "mean"
+        else "weighted mean of probabilities; each test fold's weights chosen on the other folds"
+    )
     report = {
         "model": name,
-        "variant": "mean-" + "+".join(r["model"] for r in reports),
-        "config": {"combination": "mean of probabilities", "members": members},
+        "variant": f"{combine}-" + "+".join(r["model"] for r in reports),
+        "config": {
+            "combination": how,
+            "members": members,
+            "weights": [m["weight"] for m in members],
+            "fold_weights": fold_weights,
+        },
         "overrides": {},
         "train_settings": {},
         "classes": classes,
@@ -578,7 +686,7 @@ def ensemble_reports(
             for i, p in enumerate(paths)
         },
     }
-    path = write_report(report, run_dir(out_root, name, "mean"), classes)
+    path = write_report(report, run_dir(out_root, name, combine), classes)
     return CVResult(report, path, probs, [])
 
 

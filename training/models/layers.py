@@ -254,3 +254,26 @@ class AttentionPool(nn.Module):
             alpha = masked_softmax(correction(alpha), mask, dim=1)
         z = torch.sum(alpha.unsqueeze(-1) * h, dim=1)
         return z, alpha
+
+
+class SeedEnsemble(nn.Module):
+    """Several trainings of one model (different seeds), combined as the mean of their softmax.
+
+    Returns ``log(mean_k softmax(logits_k))``: valid logits whose softmax is exactly the mean
+    probability, so training, export and serving treat it like any single model. It averages away
+    the large seed-to-seed variance of training on a few hundred clips.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("SeedEnsemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.members[0].input_names)
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        probs = torch.stack([torch.softmax(m(*inputs), dim=-1) for m in self.members]).mean(dim=0)
+        return torch.log(probs.clamp_min(1e-12))
