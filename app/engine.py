@@ -38,6 +38,7 @@ import numpy as np
 
 from app import metrics
 from app.batching import DynamicBatcher
+from app.ensemble import load_weights
 from app.errors import InferenceError, NotReadyError, ServiceError
 from app.model_inputs import collate, model_inputs
 from app.workpool import FairWorkPool
@@ -284,6 +285,7 @@ class Engine:
         self.plan = ThreadPlan.from_settings(settings)
         self.analyzer = analyzer
         self.cards: dict[str, ModelCard] = {}
+        self.ensemble_weights: dict[str, float] | None = None  # None = plain mean (app.ensemble)
         self.runners: dict[str, ModelRunner] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.classes: tuple[str, ...] = ()
@@ -391,6 +393,8 @@ class Engine:
             runners[mid] = runner
             metrics.MODEL_INFO.labels(model=mid, variant=card.variant, provider=runner.provider).set(1)
         self.cards, self.runners = cards, runners
+        self.ensemble_weights = load_weights(s.model_dir, {m: c.sha256 for m, c in cards.items()})
+        log.info("ensemble: %s", self.ensemble_weights or "plain mean")
 
     def _build_analyzer(self):
         from app.pipeline import Analyzer

@@ -11,7 +11,8 @@ segments' probabilities weighted by segment duration.
 Model selection (``models``): ``None`` or empty = every loaded model plus ``ensemble``; otherwise
 the listed model ids, and ``ensemble`` in the list adds an ``ensemble`` entry to ``per_model``
 (a list of only ``ensemble`` means every model plus the ensemble). The top-level
-``label``/``probabilities`` are always the mean over the requested models (the single model's own
+``label``/``probabilities`` are always the ensemble of the requested models (``app.ensemble``: the
+weighted mean of ``models/ensemble.json``, re-normalised over the subset; the single model's own
 probabilities when only one is requested).
 
 Thread-safety: an ``EmotionService`` belongs to the asyncio loop that ``start``s it (like its
@@ -33,6 +34,7 @@ from app import metrics
 from app.asr import SpeechRegion, speech_regions
 from app.audio import SAMPLE_RATE, Audio, ChannelMode
 from app.engine import Engine
+from app.ensemble import combine
 from app.errors import NoSpeechError, NotReadyError, UnknownModelError
 from app.model_inputs import model_inputs
 from app.schemas import Emotion, ModelEmotion, ModelInfo, PredictResponse, Timing, UtteranceResult, WordOut
@@ -65,9 +67,15 @@ def _normalise(probs: np.ndarray) -> np.ndarray:
     return probs / probs.sum()
 
 
-def make_emotion(classes: Sequence[str], per_model: dict[str, np.ndarray], include_ensemble: bool) -> Emotion:
-    """Emotion from per-model probability vectors (all in ``classes`` order)."""
-    mean = _normalise(np.mean(np.stack(list(per_model.values())), axis=0))
+def make_emotion(
+    classes: Sequence[str],
+    per_model: dict[str, np.ndarray],
+    include_ensemble: bool,
+    weights: dict[str, float] | None = None,
+) -> Emotion:
+    """Emotion from per-model probability vectors (all in ``classes`` order); the ensemble is their
+    mean weighted by ``weights`` (``app.ensemble``; None = plain mean)."""
+    mean = _normalise(combine(per_model, weights))
     entries = {
         mid: ModelEmotion(label=_label(classes, p), probabilities=_probs_dict(classes, p))
         for mid, p in per_model.items()
@@ -219,7 +227,12 @@ class EmotionService:
             text=analysis.transcript.text,
             language=analysis.transcript.language,
             words=words,
-            emotion=make_emotion(self.classes, dict(zip(ids, probs, strict=True)), include_ensemble),
+            emotion=make_emotion(
+                self.classes,
+                dict(zip(ids, probs, strict=True)),
+                include_ensemble,
+                self.engine.ensemble_weights,
+            ),
             timing_ms=Timing(
                 asr=timing.get("asr", 0.0),
                 features=timing.get("text", 0.0) + timing.get("features", 0.0),

@@ -1,0 +1,83 @@
+"""The served ensemble (app/ensemble.py) and the cross-validated weights that feed it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from app.ensemble import combine, load_weights
+from app.service import make_emotion
+
+CLASSES = ("neutral", "happy", "sad", "angry")
+SHAS = {"a": "1" * 64, "b": "2" * 64}
+
+
+def _card(tmp_path, members):
+    (tmp_path / "ensemble.json").write_text(json.dumps({"id": "ensemble", "members": members}))
+
+
+def test_weights_load_only_for_exactly_the_loaded_models(tmp_path):
+    assert load_weights(tmp_path, SHAS) is None  # no card: plain mean
+    _card(
+        tmp_path,
+        [{"id": "a", "sha256": SHAS["a"], "weight": 0.3}, {"id": "b", "sha256": SHAS["b"], "weight": 0.7}],
+    )
+    assert load_weights(tmp_path, SHAS) == {"a": 0.3, "b": 0.7}
+    assert load_weights(tmp_path, {"a": SHAS["a"]}) is None  # other model set
+    assert load_weights(tmp_path, {"a": SHAS["a"], "b": "3" * 64}) is None  # retrained member
+    _card(tmp_path, [{"id": "a", "sha256": SHAS["a"], "weight": -1}, {"id": "b", "sha256": SHAS["b"]}])
+    assert load_weights(tmp_path, SHAS) is None
+    (tmp_path / "ensemble.json").write_text("{not json")
+    assert load_weights(tmp_path, SHAS) is None
+
+
+def test_combine_weights_and_subsets():
+    p = {"a": np.array([1.0, 0, 0, 0]), "b": np.array([0, 1.0, 0, 0]), "c": np.array([0, 0, 1.0, 0])}
+    assert combine(p) == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
+    w = {"a": 0.2, "b": 0.6, "c": 0.2}
+    assert combine(p, w) == pytest.approx([0.2, 0.6, 0.2, 0])
+    assert combine({"a": p["a"], "c": p["c"]}, w) == pytest.approx([0.5, 0, 0.5, 0])  # re-normalised
+    assert combine({"a": p["a"], "c": p["c"]}, {"a": 0.0, "b": 1.0, "c": 0.0}) == pytest.approx(
+        [0.5, 0, 0.5, 0]
+    )  # all-zero subset: plain mean
+
+
+def test_make_emotion_uses_the_weights_for_label_and_ensemble_entry():
+    per_model = {"a": np.array([0.6, 0.4, 0, 0]), "b": np.array([0.0, 0.9, 0.1, 0])}
+    plain = make_emotion(CLASSES, per_model, True)
+    weighted = make_emotion(CLASSES, per_model, True, {"a": 0.9, "b": 0.1})
+    assert plain.label == "happy" and weighted.label == "neutral"
+    assert weighted.per_model["ensemble"].probabilities["neutral"] == pytest.approx(0.54)
+    assert weighted.per_model["b"].label == "happy"
+
+
+def test_cross_validated_weights_never_use_the_test_folds_labels(tmp_path):
+    from training.trainer import best_weights, ensemble_reports
+
+    rng = np.random.default_rng(0)
+    n, classes = 60, list(CLASSES)
+    y = rng.integers(0, 4, n)
+    good = np.eye(4)[y] * 0.6 + 0.1  # member 0 is right
+    noise = rng.dirichlet(np.ones(4), n)  # member 1 is noise
+    fold = np.arange(n) % 3
+
+    def report(model, probs):
+        oof = {
+            f"c{i}": {
+                "label": classes[y[i]],
+                "speaker": f"s{fold[i]}",
+                "fold": int(fold[i]),
+                "probabilities": probs[i].tolist(),
+            }
+            for i in range(n)
+        }
+        return {"model": model, "variant": "v", "classes": classes, "oof": oof, "protocol": {"name": "test"}}
+
+    w = best_weights(np.stack([good, noise]), y, 4)
+    assert w[0] > w[1]
+    res = ensemble_reports([report("good", good), report("noise", noise)], tmp_path, combine="weighted")
+    cfg = res.report["config"]
+    assert cfg["weights"][0] > cfg["weights"][1] and set(cfg["fold_weights"]) == {0, 1, 2}
+    assert res.report["metrics"]["balanced_accuracy"] == pytest.approx(1.0)
