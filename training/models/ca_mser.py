@@ -85,6 +85,10 @@ class CaMserConfig:
     enc_dim: int = 384
     d: int = 128
     dropout: float = 0.1
+    # how segment logits make the utterance's: "mean" over real segments, or "duration" = weighted
+    # by each segment's share of real (non-padding) frames, so a zero-padded 0.5-s tail counts for
+    # 1/6 of a full 3-s segment instead of as much
+    segment_weighting: str = "mean"
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -101,6 +105,8 @@ class CaMserConfig:
             raise ValueError("alexnet_widths needs 5 values (conv1..conv5)")
         if self.seg_frames % self.mfcc_pool:
             raise ValueError("mfcc_pool must divide seg_frames")
+        if self.segment_weighting not in ("mean", "duration"):
+            raise ValueError("segment_weighting must be 'mean' or 'duration'")
         if self.coatt_activation not in ("softmax", "relu"):
             raise ValueError("coatt_activation must be 'softmax' or 'relu'")
 
@@ -330,4 +336,14 @@ class CaMser(nn.Module):
             parts.append(self.enc(x["enc_seg"].reshape(-1, cfg.enc_frames, cfg.enc_dim), query))
         seg_logits = self.head(torch.cat(parts, dim=-1))  # (B * S, C)
         seg_logits = seg_logits.reshape(seg_mask.shape[0], -1, seg_logits.shape[-1])
+        if cfg.segment_weighting == "duration":
+            w = (seg_mask * self._real_share(x)).unsqueeze(-1)
+            return (seg_logits * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-6)
         return masked_mean(seg_logits, seg_mask, dim=1)
+
+    def _real_share(self, x: dict[str, Tensor]) -> Tensor:
+        """(B, S): share of each segment's frames that are real (not the zero padding)."""
+        name = _INPUT_OF[self.cfg.features[0]]
+        seg = x[name]
+        real = (seg.abs().sum(dim=-1) > 0).to(seg.dtype)  # (B, S, T)
+        return real.mean(dim=-1)
