@@ -69,6 +69,8 @@ class SpeechEncoder:
     def identity_of(model_dir: str | Path) -> str:
         """``<dir name>:<hash of model.onnx and preprocessor_config.json>`` (see ``app.pretrained``)."""
         path = Path(model_dir).resolve()
+        if not (path / "model.onnx").is_file():
+            raise FileNotFoundError(f"speech encoder directory {path} has no model.onnx")
         files = [path / "model.onnx"] + sorted(path.glob("*.onnx.data"))
         if (path / "preprocessor_config.json").is_file():
             files.append(path / "preprocessor_config.json")
