@@ -24,6 +24,7 @@ with zeros (masks are 1.0 for real steps, 0.0 for padding).
 | logmel_patches  | (P, 96, 64)    | 3m-ser (VGGish)  | VGGish log-mel patches                        |
 | patch_mask      | (P,)           | 3m-ser           | one per 0.96-s patch (both patch kinds)       |
 | encoder         | (Te, E)        | baseline         | Whisper encoder frames                        |
+| encoder_cm      | (Te,)          | cmt-awc (option) | confidence of the word covering each frame    |
 | encoder_mask    | (Te,)          | baseline         |                                               |
 
 + Pretrained parts (SPEC §2): ``words_static`` holds ``Analysis.word_vectors`` (a local GloVe file,
@@ -44,6 +45,7 @@ from app import features as F
 
 SEGMENT_FRAMES = 300  # 3 s at 10 ms
 SEGMENT_ENC_FRAMES = 150  # 3 s at 50 frames/s
+ENCODER_HOP_S = 0.02  # Whisper encoder frames: 50 per second
 PATCH_ENC_FRAMES = 48  # 0.96 s at 50 frames/s (one VGGish patch)
 
 
@@ -75,6 +77,7 @@ def model_inputs(analysis, max_words: int = 100) -> dict[str, np.ndarray]:
         "logmel_patches": logmel,
         "patch_mask": ones(len(patches), np.float32),
         "encoder": enc,
+        "encoder_cm": F.frame_confidence(tr.words, len(enc), ENCODER_HOP_S),
         "encoder_mask": ones(len(enc), np.float32),
     }
 

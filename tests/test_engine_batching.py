@@ -272,6 +272,7 @@ def _fake_inputs(rng, batch_len=5):
         "logmel_patches": (2, 4, 6),
         "patch_mask": (2,),
         "encoder": (6, 8),
+        "encoder_cm": (6,),
         "encoder_mask": (6,),
     }
     return {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}

@@ -37,9 +37,17 @@ SHAPES = {
     "frames33": (33,),
     "words": (TEXT_DIM,),
     "enc_patches": (ENC_DIM,),
+    "encoder": (ENC_DIM,),
     "logmel_patches": (96, 64),
 }
-GROUP = {"frames33": "T", "words": "W", "enc_patches": "P", "logmel_patches": "P", "patch_mask": "P"}
+GROUP = {
+    "frames33": "T",
+    "encoder": "T",
+    "words": "W",
+    "enc_patches": "P",
+    "logmel_patches": "P",
+    "patch_mask": "P",
+}
 RANGES = {"T": (3, 41), "W": (1, 8), "P": (1, 6)}
 
 
@@ -101,6 +109,7 @@ CMT_SMALL = dict(text_dim=TEXT_DIM, lstm_hidden=8, ffn_dim=16, pool_hidden=8, fc
 CMT_CASES = [dict(variant=v) for v in cmt.VARIANTS] + [
     dict(variant="sdpa-correction", frame_stride=1),
     dict(variant="sa-correction", sa_correct_audio=False, frame_stride=3),
+    dict(variant="sdpa-correction", acoustic="encoder", frames_dim=ENC_DIM),
 ]
 MSER_SMALL = dict(text_dim=TEXT_DIM, enc_dim=ENC_DIM, d_model=16, head_hidden=8, vggish_width=2, vggish_fc=8)
 MSER_CASES = [
@@ -200,6 +209,16 @@ def test_input_names_per_variant():
     assert names == {"base-nocross": plain, "base": plain, "sa-correction": full, "sdpa-correction": full}
     text_only_cm = cmt.CmtAwc(cmt.CmtAwcConfig(variant="sa-correction", sa_correct_audio=False), 4)
     assert text_only_cm.input_names == ("frames33", "frames33_mask", "words", "words_cm", "words_mask")
+    on_encoder = cmt.CmtAwc(cmt.CmtAwcConfig(acoustic="encoder"), 4)
+    assert on_encoder.input_names == (
+        "encoder",
+        "encoder_cm",
+        "encoder_mask",
+        "words",
+        "words_cm",
+        "words_mask",
+    )
+    assert (on_encoder.config.frames_dim, on_encoder.config.frame_stride) == (384, 2)
     enc = mser.ThreeMSer(mser.ThreeMSerConfig(**MSER_SMALL), 4)
     vgg = mser.ThreeMSer(mser.ThreeMSerConfig(audio="vggish", **MSER_SMALL), 4)
     assert enc.input_names == ("words", "words_mask", "enc_patches", "patch_mask")
@@ -217,7 +236,8 @@ def test_configs_presets_and_train_defaults():
     with pytest.raises(ValueError):
         mser.ThreeMSerConfig(audio="nope")
     for defaults in (cmt.TRAIN_DEFAULTS, mser.TRAIN_DEFAULTS):
-        assert set(defaults) == {"lr", "weight_decay", "batch_size", "epochs", "patience"}
+        assert {"lr", "weight_decay", "batch_size", "epochs", "patience"} <= set(defaults)
+    assert mser.TRAIN_DEFAULTS["members"] == 5 and "members" not in cmt.TRAIN_DEFAULTS
 
 
 def test_vggish_loads_local_state_dict(tmp_path):

@@ -49,6 +49,9 @@ def test_model_inputs_shapes_and_masks(analysis, clip):
     first = analysis.transcript.words[0]
     frame = int((first.start + first.end) / 2 / 0.01)
     assert x["frames33_cm"][frame] == pytest.approx(first.confidence)
+    # the same rule on the 20-ms encoder frames (cmt-awc's acoustic="encoder" option)
+    assert x["encoder_cm"].shape == x["encoder_mask"].shape
+    assert x["encoder_cm"][int((first.start + first.end) / 2 / 0.02)] == pytest.approx(first.confidence)
     for name, value in x.items():
         assert value.dtype == np.float32 and np.isfinite(value).all(), name
 

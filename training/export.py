@@ -48,6 +48,7 @@ SEQUENCE_AXES = {
     "patch_mask": "patches",
     "logmel_patches": "logmel_patches",
     "encoder": "encoder_frames",
+    "encoder_cm": "encoder_frames",
     "encoder_mask": "encoder_frames",
 }
 
