@@ -339,3 +339,12 @@ def test_layers_padding_invariance_and_dynamic_onnx():
             want = model(xx, mm).numpy()
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_variant_names_tell_configs_apart():
+    from training.trainer import variant_of
+
+    assert variant_of(cmt.CmtAwcConfig()) == "sa-correction"
+    assert variant_of(cmt.CmtAwcConfig(acoustic="encoder")) == "sa-correction-encoder"
+    assert variant_of(cmt.CmtAwcConfig(variant="base", preset="paper")) == "base-paper"
+    assert variant_of(mser.ThreeMSerConfig(layer_norm=False, audio="vggish")) == "no-layernorm-vggish"

@@ -122,15 +122,17 @@ def set_threads(threads: int = 0) -> int:
 
 
 def variant_of(cfg) -> str:
-    """A short variant name: the config's ``variant`` field, else built from the fields that select
-    a paper variant (adf ``fusion``/``modality``, ca-mser ``co_attention``/``features``, 3m-ser
+    """A short variant name built from the fields that select a paper variant (cmt-awc ``variant``
+    and ``acoustic``, adf ``fusion``/``modality``, ca-mser ``co_attention``/``features``, 3m-ser
     ``layer_norm``/``audio``), plus any non-default ``preset``."""
     if cfg is None:
         return "default"
-    if hasattr(cfg, "variant"):
-        return str(cfg.variant)
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     parts = []
+    if hasattr(cfg, "variant"):
+        parts.append(str(cfg.variant))
+    if getattr(cfg, "acoustic", "frames33") != "frames33":  # cmt-awc on other acoustic frames
+        parts.append(str(cfg.acoustic))
     if hasattr(cfg, "fusion"):
         parts.append(str(cfg.fusion))
     if getattr(cfg, "modality", "both") != "both":
