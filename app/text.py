@@ -25,6 +25,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "minilm"
+BUNDLED_NAME = "all-MiniLM-L6-v2"  # FeatureConfig.text_model of the bundled encoder
 MAX_TOKENS = 256  # MiniLM was trained on <= 256 tokens; longer transcripts are encoded in pieces
 
 
@@ -61,6 +62,21 @@ class TextEncoder:
         )
         self.dim = int(self.session.get_outputs()[0].shape[-1] or 384)
         self.model_dir = path
+        self.identity = self.identity_of(model_dir)
+
+    @staticmethod
+    def identity_of(model_dir: str | Path | None) -> str:
+        """``FeatureConfig.text_model``: the bundled encoder's name, else ``<dir name>:<hash of
+        model.onnx and tokenizer.json>`` (``app.pretrained``), so another BERT changes the digest."""
+        from app import pretrained
+
+        if not model_dir or Path(model_dir).resolve() == BUNDLED_DIR.resolve():
+            return BUNDLED_NAME
+        path = Path(model_dir).resolve()
+        files = [path / "model.onnx", path / "tokenizer.json"]
+        if not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"text encoder directory {path} needs model.onnx and tokenizer.json")
+        return pretrained.identity(path.name, files + sorted(path.glob("*.onnx.data")))
 
     def empty(self) -> TextFeatures:
         zeros = np.zeros((1, self.dim), np.float32)

@@ -137,6 +137,19 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         help="GloVe text file ('word v1 ... vD' lines): adf's words_static becomes GloVe vectors (default: "
         "the text encoder's input embeddings); serve with EMOTION_GLOVE_PATH=FILE",
     )
+    g.add_argument(
+        "--text-model",
+        metavar="DIR",
+        help="text encoder directory (model.onnx + tokenizer.json, e.g. a BERT exported by python -m "
+        "training.text_encoder_export --model-dir BERT_DIR --out DIR): the words inputs of every text model "
+        "(default: the bundled MiniLM); serve with EMOTION_TEXT_MODEL=DIR",
+    )
+    g.add_argument(
+        "--asr-model",
+        metavar="DIR",
+        help="faster-whisper model directory: words, confidences and Whisper encoder frames (default: the "
+        "bundled tiny.en); serve with EMOTION_ASR_MODEL=DIR",
+    )
 
 
 def _add_protocol(p: argparse.ArgumentParser) -> None:
@@ -296,14 +309,24 @@ class Context:
         self.clips = load_dataset(args.dataset, args.data, args.labels)
         self.classes = LABEL_SETS[args.labels]
         # hashes the pretrained parts' files (the digest keys the cache); loads nothing yet
-        self.config = FeatureConfig.for_parts(args.speech_encoder, args.glove)
+        self.config = FeatureConfig.for_parts(
+            args.speech_encoder, args.glove, text_model=args.text_model, asr_model=args.asr_model
+        )
         self.cache = FeatureCache(args.cache_dir, self.config)
 
     def analyzer(self):
         """The Analyzer for cache misses (built on the first miss), with the pretrained parts asked for."""
         from app.pipeline import Analyzer
 
-        speech_encoder = word_vectors = None
+        speech_encoder = word_vectors = recognizer = text_encoder = None
+        if self.args.asr_model:
+            from app.asr import Recognizer
+
+            recognizer = Recognizer(self.args.asr_model)
+        if self.args.text_model:
+            from app.text import TextEncoder
+
+            text_encoder = TextEncoder(self.args.text_model)
         if self.args.speech_encoder:
             from app.speech_encoder import SpeechEncoder
 
@@ -312,7 +335,13 @@ class Context:
             from app.word_vectors import WordVectors
 
             word_vectors = WordVectors.load(self.args.glove)
-        return Analyzer(config=self.config, speech_encoder=speech_encoder, word_vectors=word_vectors)
+        return Analyzer(
+            recognizer,
+            text_encoder,
+            config=self.config,
+            speech_encoder=speech_encoder,
+            word_vectors=word_vectors,
+        )
 
     def samples(self, names):
         from training.cache import CacheStats, prepare
