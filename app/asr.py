@@ -140,7 +140,6 @@ class Recognizer:
         self._model.encode = capturing_encode
         log.info("ASR: faster-whisper %s on %s (%s)", path, self.device, compute_type)
 
-    @classmethod
     @staticmethod
     def identity_of(model_path: str | os.PathLike | None) -> str:
         """``FeatureConfig.asr_model``: ``tiny.en`` for the bundled model, else ``<dir name>:<hash of
@@ -162,6 +161,7 @@ class Recognizer:
             path.name, [path / "model.bin"] + [f for f in extra if f.is_file()] + vocab
         )
 
+    @classmethod
     def from_settings(
         cls, settings, cpu_threads: int | None = None, num_workers: int | None = None
     ) -> Recognizer:

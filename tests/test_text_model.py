@@ -80,6 +80,8 @@ def test_local_asr_model_changes_the_digest(tmp_path):
     cfg = FeatureConfig.for_parts(asr_model=copy)
     assert cfg.asr_model == identity and cfg.digest() != DEFAULT_DIGEST
     assert FeatureConfig.from_settings(Settings(asr_model=str(copy))) == cfg
+    # the server's path: the recognizer built from the same settings names itself the same way
+    assert Recognizer.from_settings(Settings(asr_model=str(copy)), cpu_threads=1).identity == identity
     with pytest.raises(ASRError, match="model.bin"):
         Recognizer.identity_of(tmp_path)
 
