@@ -81,3 +81,85 @@ def test_cross_validated_weights_never_use_the_test_folds_labels(tmp_path):
     cfg = res.report["config"]
     assert cfg["weights"][0] > cfg["weights"][1] and set(cfg["fold_weights"]) == {0, 1, 2}
     assert res.report["metrics"]["balanced_accuracy"] == pytest.approx(1.0)
+
+
+def _run_report(model, probs, y, fold):
+    """A member's run report as the trainer writes it (only the fields the ensemble reads)."""
+    classes = list(CLASSES)
+    oof = {
+        f"c{i}": {
+            "label": classes[y[i]],
+            "speaker": f"s{fold[i]}",
+            "fold": int(fold[i]),
+            "probabilities": probs[i].tolist(),
+        }
+        for i in range(len(y))
+    }
+    pred = probs.argmax(1)
+    recalls = [float((pred[y == c] == c).mean()) for c in range(len(classes))]
+    return {
+        "model": model,
+        "variant": "v",
+        "classes": classes,
+        "oof": oof,
+        "feature_config": {},
+        "feature_config_digest": "d1",
+        "dataset": {"kind": "manifest", "labels": "4class", "n_clips": len(y), "n_speakers": 3},
+        "protocol": {
+            "name": "speaker-kfold",
+            "n_folds": 3,
+            "seed": 0,
+            "held_out": [{"fold": f, "test_speakers": [f"s{f}"]} for f in range(3)],
+        },
+        "metrics": {
+            "n": len(y),
+            "accuracy": float((pred == y).mean()),
+            "balanced_accuracy": float(np.mean(recalls)),
+        },
+        "train_seconds": 60.0,
+    }
+
+
+def test_publish_writes_card_and_results_only_for_the_exported_runs(tmp_path):
+    from training.__main__ import publish_results
+    from training.trainer import ensemble_reports
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 60)
+    fold = np.arange(60) % 3
+    members = [
+        _run_report("a", np.eye(4)[y] * 0.6 + 0.1, y, fold),
+        _run_report("b", rng.dirichlet(np.ones(4), 60), y, fold),
+    ]
+    models = tmp_path / "models"
+    models.mkdir()
+    for r in members:
+        card = {
+            "id": r["model"],
+            "variant": "v",
+            "onnx": f"{r['model']}.onnx",
+            "sha256": r["model"] * 8,
+            "feature_config_digest": "d1",
+            "training_data": {},
+            "training": {"seconds": 30.0},
+            "cv_metrics": dict(r["metrics"]),
+        }
+        (models / f"{r['model']}.json").write_text(json.dumps(card))
+    ens = ensemble_reports(members, tmp_path / "runs", combine="weighted").report
+
+    publish_results(models, [], members, ens)
+    card = json.loads((models / "ensemble.json").read_text())
+    assert [(m["id"], m["sha256"]) for m in card["members"]] == [("a", "a" * 8), ("b", "b" * 8)]
+    assert [m["weight"] for m in card["members"]] == ens["config"]["weights"]
+    table = (models / "RESULTS.md").read_text()
+    assert "| a | v |" in table and "| ensemble | weighted-a+b |" in table
+    assert "| 1.5 |" in table  # CV minutes + the card's final-fit seconds
+
+    # a card exported from another run (other CV metrics) is refused, and nothing is rewritten
+    stale = json.loads((models / "b.json").read_text())
+    stale["cv_metrics"]["balanced_accuracy"] = 0.123
+    (models / "b.json").write_text(json.dumps(stale))
+    (models / "ensemble.json").unlink()
+    with pytest.raises(SystemExit, match="not exported from run"):
+        publish_results(models, [], members, ens)
+    assert not (models / "ensemble.json").exists()

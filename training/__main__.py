@@ -282,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reports", nargs="+", help="run directories or report.json files (same clips and folds)")
     _add_combine(p)
     p.add_argument("--out", default="runs", help="root directory of run reports (default: runs)")
+    p.add_argument(
+        "--publish",
+        metavar="MODELS_DIR",
+        help="also write MODELS_DIR/ensemble.json and MODELS_DIR/RESULTS.md, as train-defaults does; every "
+        "member's card in MODELS_DIR must have been exported from the given report (same variant, feature "
+        "digest and CV metrics); a baseline report is listed in RESULTS.md, not combined",
+    )
 
     p = command(
         "train-defaults",
@@ -554,9 +561,39 @@ def cmd_baseline(args):
 def cmd_ensemble(args):
     from training.trainer import ensemble_reports, load_report
 
-    res = ensemble_reports([load_report(r) for r in args.reports], args.out, combine=args.combine)
+    reports = [load_report(r) for r in args.reports]
+    baselines = [r for r in reports if r["model"] == "baseline"]
+    members = [r for r in reports if r["model"] != "baseline"]
+    res = ensemble_reports(members, args.out, combine=args.combine)
     _print_result(res.report)
+    if args.publish:
+        publish_results(Path(args.publish), baselines, members, res.report)
+        print(f"wrote {args.publish}/ensemble.json and {args.publish}/RESULTS.md")
     return res
+
+
+def publish_results(models_dir: Path, baselines: list[dict], members: list[dict], ensemble: dict) -> None:
+    """ensemble.json + RESULTS.md from run reports whose models are already exported in ``models_dir``
+    (e.g. after retraining one model with ``train``), refusing a card exported from another run."""
+    cards = []
+    for r in members:
+        path = models_dir / f"{r['model']}.json"
+        card = json.loads(path.read_text()) if path.is_file() else {}
+        cv = card.get("cv_metrics", {})
+        same = (
+            card.get("variant") == r["variant"]
+            and card.get("feature_config_digest") == r["feature_config_digest"]
+            and all(cv.get(k) == r["metrics"][k] for k in ("n", "accuracy", "balanced_accuracy"))
+        )
+        if not same:
+            raise SystemExit(
+                f"{path} was not exported from run {r.get('_path', '?')} (variant, feature digest or CV "
+                "metrics differ): export it with python -m training export --report RUN, or pass its own run"
+            )
+        r["_final_seconds"] = card.get("training", {}).get("seconds", 0.0)
+        cards.append(card)
+    write_ensemble_card(models_dir, ensemble, cards)
+    write_results(models_dir / "RESULTS.md", baselines + members + [ensemble])
 
 
 def cmd_train_defaults(args) -> None:
@@ -580,7 +617,7 @@ def cmd_train_defaults(args) -> None:
         _print_result(ens.report)
         rows.append(ens.report)
         write_ensemble_card(Path(args.models_dir), ens.report, [c for _, c in members])
-    path = write_results(Path(args.models_dir) / "RESULTS.md", rows, ctx)
+    path = write_results(Path(args.models_dir) / "RESULTS.md", rows)
     print(f"wrote {path} ({(time.perf_counter() - t0) / 60:.1f} min in all)")
 
 
@@ -610,7 +647,7 @@ def write_ensemble_card(models_dir: Path, report: dict, cards: list[dict]) -> Pa
     return path
 
 
-def write_results(path: Path, reports: list[dict], ctx: Context) -> Path:
+def write_results(path: Path, reports: list[dict]) -> Path:
     """models/RESULTS.md: one row per run report, with the paper's own figure for context."""
     first = reports[0]
     held = "; ".join(
