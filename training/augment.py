@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the acoustic frame-sequence inputs; with the word vectors they are the inputs the trainer
+# standardises (``trainer.CONTINUOUS_INPUTS``)
 FRAME_INPUTS = (
     "frames33",
     "mfcc_seg",

@@ -31,7 +31,7 @@ from app.features import n_frames
 from app.model_inputs import SEGMENT_ENC_FRAMES, SEGMENT_FRAMES, collate
 from app.pipeline import FeatureConfig
 from training import metrics as M
-from training.augment import AugmentConfig, augment_batch
+from training.augment import FRAME_INPUTS, AugmentConfig, augment_batch
 from training.cache import Sample
 from training.models import REGISTRY, build_model, config_dict
 from training.models.layers import SeedEnsemble
@@ -40,17 +40,7 @@ from training.protocols import Fold
 log = logging.getLogger(__name__)
 
 # inputs standardised with training-split statistics (last axis); masks, CMs and waveform are not
-CONTINUOUS_INPUTS = (
-    "frames33",
-    "words",
-    "words_static",
-    "mfcc_seg",
-    "spec_seg",
-    "enc_seg",
-    "enc_patches",
-    "logmel_patches",
-    "encoder",
-)
+CONTINUOUS_INPUTS = (*FRAME_INPUTS, "words", "words_static")
 _ROW_MASKS = {
     "frames33": "frames33_mask",
     "words": "words_mask",
