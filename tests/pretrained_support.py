@@ -136,3 +136,25 @@ def serve_once(settings, analyzer, monkeypatch) -> tuple[object, np.ndarray]:
             await engine.stop()
 
     return asyncio.run(main())
+
+
+def assert_served_only_with(
+    tmp: Path, analyzer, monkeypatch, model_id: str, part: dict, digest: str, refusal: str
+):
+    """The model exported to ``tmp/trained`` is served by a server configured with ``part`` (one
+    ``Settings`` field -> value), computing ``digest``, and refused by a server without it, with an
+    error that names ``refusal``."""
+    import pytest
+
+    from app.engine import Engine, ModelLoadError
+    from app.pipeline import FeatureConfig
+    from tests.serving_helpers import make_settings
+
+    settings = make_settings(tmp, model_dir=tmp / "trained", models=[model_id], warmup=True, **part)
+    config, probs = serve_once(settings, analyzer, monkeypatch)
+    assert config.digest() == digest and probs.shape == (4,) and abs(float(probs.sum()) - 1) < 1e-4
+
+    default = make_settings(tmp, model_dir=tmp / "trained", models=[model_id], warmup=False)
+    engine = Engine(default, analyzer=type("A", (), {"config": FeatureConfig.from_settings(default)})())
+    with pytest.raises(ModelLoadError, match=refusal):
+        engine._load()

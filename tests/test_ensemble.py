@@ -53,36 +53,6 @@ def test_make_emotion_uses_the_weights_for_label_and_ensemble_entry():
     assert weighted.per_model["b"].label == "happy"
 
 
-def test_cross_validated_weights_never_use_the_test_folds_labels(tmp_path):
-    from training.trainer import best_weights, ensemble_reports
-
-    rng = np.random.default_rng(0)
-    n, classes = 60, list(CLASSES)
-    y = rng.integers(0, 4, n)
-    good = np.eye(4)[y] * 0.6 + 0.1  # member 0 is right
-    noise = rng.dirichlet(np.ones(4), n)  # member 1 is noise
-    fold = np.arange(n) % 3
-
-    def report(model, probs):
-        oof = {
-            f"c{i}": {
-                "label": classes[y[i]],
-                "speaker": f"s{fold[i]}",
-                "fold": int(fold[i]),
-                "probabilities": probs[i].tolist(),
-            }
-            for i in range(n)
-        }
-        return {"model": model, "variant": "v", "classes": classes, "oof": oof, "protocol": {"name": "test"}}
-
-    w = best_weights(np.stack([good, noise]), y, 4)
-    assert w[0] > w[1]
-    res = ensemble_reports([report("good", good), report("noise", noise)], tmp_path, combine="weighted")
-    cfg = res.report["config"]
-    assert cfg["weights"][0] > cfg["weights"][1] and set(cfg["fold_weights"]) == {0, 1, 2}
-    assert res.report["metrics"]["balanced_accuracy"] == pytest.approx(1.0)
-
-
 def _run_report(model, probs, y, fold):
     """A member's run report as the trainer writes it (only the fields the ensemble reads)."""
     classes = list(CLASSES)
@@ -118,6 +88,25 @@ def _run_report(model, probs, y, fold):
         },
         "train_seconds": 60.0,
     }
+
+
+def test_cross_validated_weights_never_use_the_test_folds_labels(tmp_path):
+    from training.trainer import best_weights, ensemble_reports
+
+    rng = np.random.default_rng(0)
+    n = 60
+    y = rng.integers(0, 4, n)
+    good = np.eye(4)[y] * 0.6 + 0.1  # member 0 is right
+    noise = rng.dirichlet(np.ones(4), n)  # member 1 is noise
+    fold = np.arange(n) % 3
+
+    w = best_weights(np.stack([good, noise]), y, 4)
+    assert w[0] > w[1]
+    members = [_run_report("good", good, y, fold), _run_report("noise", noise, y, fold)]
+    res = ensemble_reports(members, tmp_path, combine="weighted")
+    cfg = res.report["config"]
+    assert cfg["weights"][0] > cfg["weights"][1] and set(cfg["fold_weights"]) == {0, 1, 2}
+    assert res.report["metrics"]["balanced_accuracy"] == pytest.approx(1.0)
 
 
 def test_publish_writes_card_and_results_only_for_the_exported_runs(tmp_path):

@@ -146,8 +146,6 @@ def test_analyzer_puts_wav2vec2_frames_in_enc_seg(w2v, analyzer, fixtures_dir):
 
 @pytest.mark.skipif(not (S.RAVDESS / "labels.csv").is_file(), reason="RAVDESS subset not present")
 def test_ca_mser_trains_with_wav2vec2_and_is_served_only_with_it(w2v, analyzer, tmp_path, monkeypatch):
-    from app.engine import Engine, ModelLoadError
-    from tests.serving_helpers import make_settings
     from training import __main__ as cli
 
     _, out, _ = w2v
@@ -169,15 +167,13 @@ def test_ca_mser_trains_with_wav2vec2_and_is_served_only_with_it(w2v, analyzer, 
     spec = {i["name"]: i["shape"] for i in card["inputs"]}
     assert spec["enc_seg"] == ["batch", "segments", 150, HIDDEN]
 
-    # served when the server is configured with the same encoder ...
-    settings = make_settings(
-        tmp_path, model_dir=tmp_path / "trained", models=["ca-mser"], speech_encoder=str(out), warmup=True
+    # served when the server is configured with the same part, refused (naming it) without it
+    S.assert_served_only_with(
+        tmp_path,
+        analyzer,
+        monkeypatch,
+        "ca-mser",
+        {"speech_encoder": str(out)},
+        digest,
+        "speech_encoder=w2v-onnx",
     )
-    config, probs = S.serve_once(settings, analyzer, monkeypatch)
-    assert config.digest() == digest and probs.shape == (4,) and abs(float(probs.sum()) - 1) < 1e-4
-
-    # ... and refused by a server without it
-    default = make_settings(tmp_path, model_dir=tmp_path / "trained", models=["ca-mser"], warmup=False)
-    engine = Engine(default, analyzer=type("A", (), {"config": FeatureConfig.from_settings(default)})())
-    with pytest.raises(ModelLoadError, match="speech_encoder=w2v-onnx"):
-        engine._load()

@@ -90,8 +90,6 @@ def test_local_asr_model_changes_the_digest(tmp_path):
 def test_3m_ser_trains_with_the_local_text_encoder_and_is_served_only_with_it(
     bert, analyzer, tmp_path, monkeypatch
 ):
-    from app.engine import Engine, ModelLoadError
-    from tests.serving_helpers import make_settings
     from training import __main__ as cli
 
     manifest = S.write_manifest(tmp_path)
@@ -113,15 +111,7 @@ def test_3m_ser_trains_with_the_local_text_encoder_and_is_served_only_with_it(
     spec = {i["name"]: i["shape"] for i in card["inputs"]}
     assert spec["words"] == ["batch", "words", HIDDEN]
 
-    # served when the server is configured with the same encoder ...
-    settings = make_settings(
-        tmp_path, model_dir=tmp_path / "trained", models=["3m-ser"], text_model=str(bert), warmup=True
+    # served when the server is configured with the same part, refused (naming it) without it
+    S.assert_served_only_with(
+        tmp_path, analyzer, monkeypatch, "3m-ser", {"text_model": str(bert)}, digest, "text_model=bert-onnx"
     )
-    config, probs = S.serve_once(settings, analyzer, monkeypatch)
-    assert config.digest() == digest and probs.shape == (4,) and abs(float(probs.sum()) - 1) < 1e-4
-
-    # ... and refused by a server without it, with the reason
-    default = make_settings(tmp_path, model_dir=tmp_path / "trained", models=["3m-ser"], warmup=False)
-    engine = Engine(default, analyzer=type("A", (), {"config": FeatureConfig.from_settings(default)})())
-    with pytest.raises(ModelLoadError, match="text_model=bert-onnx"):
-        engine._load()

@@ -106,8 +106,6 @@ def test_analyzer_takes_words_static_from_glove(analyzer, glove, fixtures_dir):
 
 @pytest.mark.skipif(not (S.RAVDESS / "labels.csv").is_file(), reason="RAVDESS subset not present")
 def test_adf_trains_with_glove_and_is_served_only_with_it(analyzer, glove, tmp_path, monkeypatch):
-    from app.engine import Engine, ModelLoadError
-    from tests.serving_helpers import make_settings
     from training import __main__ as cli
 
     path, _ = glove
@@ -140,15 +138,7 @@ def test_adf_trains_with_glove_and_is_served_only_with_it(analyzer, glove, tmp_p
     spec = {i["name"]: i["shape"] for i in card["inputs"]}
     assert spec["words_static"] == ["batch", "words", DIM]
 
-    # served when the server is configured with the same file ...
-    settings = make_settings(
-        tmp_path, model_dir=tmp_path / "trained", models=["adf"], glove_path=str(path), warmup=True
+    # served when the server is configured with the same part, refused (naming it) without it
+    S.assert_served_only_with(
+        tmp_path, analyzer, monkeypatch, "adf", {"glove_path": str(path)}, digest, "word_vectors=glove.tiny"
     )
-    config, probs = S.serve_once(settings, analyzer, monkeypatch)
-    assert config.digest() == digest and probs.shape == (4,) and abs(float(probs.sum()) - 1) < 1e-4
-
-    # ... and refused by a server without it
-    default = make_settings(tmp_path, model_dir=tmp_path / "trained", models=["adf"], warmup=False)
-    engine = Engine(default, analyzer=type("A", (), {"config": FeatureConfig.from_settings(default)})())
-    with pytest.raises(ModelLoadError, match="word_vectors=glove.tiny"):
-        engine._load()
