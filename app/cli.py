@@ -5,7 +5,7 @@
 * ``predict FILE... [--models a,b] [--channels mix|separate] [--words]``: the same pipeline
   in-process; one JSON object per line on stdout (the /v1/predict response plus ``file``; a failed
   file gives ``{"file", "error", "detail"}``); exit status 1 when any file failed.
-* ``stream``: added by ``app.stream_client.add_parser`` when that module exists.
+* ``stream``: added by ``app.streaming.client.add_parser`` when that module exists.
 
 Every subcommand sets ``func`` (``args -> exit status``) with ``set_defaults``.
 Thread-safety: a process entry point; ``predict`` runs one event loop with its own service.
@@ -54,8 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _predict_files(args: argparse.Namespace, out) -> int:
+    from app.analysis.audio import decode
     from app.api.predict import _limits
-    from app.audio import decode
     from app.errors import status_and_code
     from app.service import EmotionService
 
@@ -126,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     pred.set_defaults(func=cmd_predict)
 
-    # --- stream: provided by the streaming client (app/stream_client.py) -------------------------
+    # --- stream: provided by the streaming client (app/streaming/client.py) -------------------------
     # ``add_parser(subparsers)`` registers the ``stream`` subcommand and sets its ``func``.
     try:
-        from app.stream_client import add_parser as add_stream_parser
+        from app.streaming.client import add_parser as add_stream_parser
     except ImportError:
         add_stream_parser = None  # not available in this build
     if add_stream_parser is not None:

@@ -10,7 +10,7 @@ Thread-safety: plain exception classes, immutable after construction.
 
 from __future__ import annotations
 
-from app.audio import AudioError
+from app.analysis.audio import AudioError
 
 
 class ServiceError(Exception):

@@ -16,8 +16,6 @@ another loop (its batchers are asyncio objects): the lifespan starts it.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import inspect
 import logging
 from contextlib import asynccontextmanager
 
@@ -25,31 +23,16 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.api import errors as api_errors
-from app.api import health, predict
+from app.api import health, predict, sessions, stream
 from app.api import metrics as api_metrics
 from app.api.auth import require_api_key
 from app.service import EmotionService
 from app.settings import Settings, get_settings
+from app.store import open_store
 
 log = logging.getLogger(__name__)
 
 _UNSET = object()
-
-# Routers other packages provide; included when present, behind the API key.
-OPTIONAL_ROUTERS = ("app.api.stream", "app.api.sessions")
-
-
-async def open_session_store(settings: Settings):
-    """``app.store.open_store(settings)`` if that package provides it, else None (sessions disabled)."""
-    try:
-        from app.store import open_store
-    except ImportError as exc:
-        log.warning("no session store (%s): session_id is not available", exc)
-        return None
-    store = open_store(settings)
-    if inspect.isawaitable(store):
-        store = await store
-    return store
 
 
 async def _start_service(service: EmotionService) -> None:
@@ -69,7 +52,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         opened = store is _UNSET
-        app.state.store = await open_session_store(settings) if opened else store
+        app.state.store = open_store(settings) if opened else store
         app.state.start_task = asyncio.create_task(_start_service(service), name="service-start")
         try:
             yield
@@ -110,17 +93,6 @@ def create_app(
     app.include_router(api_metrics.router)
     secured = [Depends(require_api_key)]
     app.include_router(predict.router, dependencies=secured)
-    for name in OPTIONAL_ROUTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                log.exception("router %s cannot be imported; its routes are missing", name)
-            continue
-        except Exception:  # a broken optional module must not take the whole API down
-            log.exception("router %s cannot be imported; its routes are missing", name)
-            continue
-        router = getattr(module, "router", None)
-        if router is not None:
-            app.include_router(router, dependencies=secured)
+    app.include_router(stream.router, dependencies=secured)
+    app.include_router(sessions.router, dependencies=secured)
     return app

@@ -11,7 +11,7 @@ segments' probabilities weighted by segment duration.
 Model selection (``models``): ``None`` or empty = every loaded model plus ``ensemble``; otherwise
 the listed model ids, and ``ensemble`` in the list adds an ``ensemble`` entry to ``per_model``
 (a list of only ``ensemble`` means every model plus the ensemble). The top-level
-``label``/``probabilities`` are always the ensemble of the requested models (``app.ensemble``: the
+``label``/``probabilities`` are always the ensemble of the requested models (``app.inference.ensemble``: the
 weighted mean of ``models/ensemble.json``, re-normalised over the subset; the single model's own
 probabilities when only one is requested).
 
@@ -31,12 +31,12 @@ from collections.abc import Hashable, Iterable, Sequence
 import numpy as np
 
 from app import metrics
-from app.asr import SpeechRegion, speech_regions
-from app.audio import SAMPLE_RATE, Audio, ChannelMode
-from app.engine import Engine
-from app.ensemble import combine
+from app.analysis.asr import SpeechRegion, speech_regions
+from app.analysis.audio import SAMPLE_RATE, Audio, ChannelMode
+from app.analysis.inputs import model_inputs
 from app.errors import NoSpeechError, NotReadyError, UnknownModelError
-from app.model_inputs import model_inputs
+from app.inference.engine import Engine
+from app.inference.ensemble import combine
 from app.schemas import Emotion, ModelEmotion, ModelInfo, PredictResponse, Timing, UtteranceResult, WordOut
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def make_emotion(
     weights: dict[str, float] | None = None,
 ) -> Emotion:
     """Emotion from per-model probability vectors (all in ``classes`` order); the ensemble is their
-    mean weighted by ``weights`` (``app.ensemble``; None = plain mean)."""
+    mean weighted by ``weights`` (``app.inference.ensemble``; None = plain mean)."""
     mean = _normalise(combine(per_model, weights))
     entries = {
         mid: ModelEmotion(label=_label(classes, p), probabilities=_probs_dict(classes, p))
@@ -244,7 +244,7 @@ class EmotionService:
     async def transcribe(
         self, audio16k: np.ndarray, key: Hashable | None = None, timeout_s: float | None = None
     ):
-        """ASR only (e.g. streaming partials), in the same fair pool: returns an ``app.asr.Transcript``."""
+        """ASR only (e.g. streaming partials), in the same fair pool: returns an ``app.analysis.asr.Transcript``."""
         recognizer = self.engine.analyzer.recognizer
         return await self.engine.run_cpu(
             key, recognizer.transcribe, np.asarray(audio16k, np.float32), timeout_s=timeout_s

@@ -1,4 +1,4 @@
-"""Cost of ``app.pipeline.analyze`` on a 5-s clip: median of N warm runs per stage, plus cold start.
+"""Cost of ``app.analysis.analyzer.analyze`` on a 5-s clip: median of N warm runs per stage, plus cold start.
 
 Usage: ``python bench/analyze_bench.py [--runs 10]``; writes bench/results/analyze.json.
 Cold start = a fresh interpreter importing the pipeline, loading ASR + text encoder and finishing
@@ -23,8 +23,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 COLD = """
 import time; t0 = time.perf_counter()
 import numpy as np
-from app.pipeline import Analyzer
-from app.audio import decode
+from app.analysis.analyzer import Analyzer
+from app.analysis.audio import decode
 a = Analyzer(); t1 = time.perf_counter()
 x = decode('{clip}').mono
 a.analyze(x); t2 = time.perf_counter()
@@ -33,7 +33,7 @@ print(t1 - t0, t2 - t1)
 
 
 def five_second_clip() -> np.ndarray:
-    from app.audio import decode
+    from app.analysis.audio import decode
 
     a = decode(FIXTURES / "kids_angry_a01.flac").mono
     b = decode(FIXTURES / "dogs_neutral_a02.flac").mono
@@ -56,7 +56,7 @@ def main() -> None:
     load_s, first_s = map(float, out.stdout.split())
     cold_total = time.perf_counter() - t0
 
-    from app.pipeline import Analyzer
+    from app.analysis.analyzer import Analyzer
 
     analyzer = Analyzer()
     audio = five_second_clip()

@@ -5,7 +5,7 @@ Starts ``emotion-server serve`` on a free loopback port (settings from the EMOTI
 at each concurrency level (1, 2, 4, 8, 16) with a bounded number of requests and a time budget
 per level. Reports throughput (audio seconds per wall second), latency p50/p95, errors, and the
 mean model batch size (from /metrics). Finally, with the server stopped, it times faster-whisper
-transcription alone on the same clips (``app.asr.Recognizer``, same ASR settings and thread count
+transcription alone on the same clips (``app.analysis.asr.Recognizer``, same ASR settings and thread count
 as the server) and reports end-to-end latency at concurrency 1 relative to it.
 
     python bench/predict_bench.py                 # full run -> bench/results/predict.{json,md}
@@ -207,9 +207,9 @@ async def run_level(
 
 def asr_baseline(clips: list[tuple[Path, bytes, float]]) -> dict:
     """faster-whisper alone on the same clips, sequentially, with the server's ASR settings."""
-    from app.asr import Recognizer
-    from app.audio import decode
-    from app.engine import ThreadPlan
+    from app.analysis.asr import Recognizer
+    from app.analysis.audio import decode
+    from app.inference.engine import ThreadPlan
     from app.settings import Settings
 
     s = Settings()

@@ -52,7 +52,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def load_clips(data: Path, n: int, seed: int) -> list[np.ndarray]:
     import soundfile as sf
 
-    from app.audio import resample
+    from app.analysis.audio import resample
 
     with open(data / "labels.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -126,7 +126,7 @@ class Server:
 
 
 async def run_level(server: Server, n: int, audios: list[np.ndarray], args) -> dict:
-    from app.stream_client import stream_audio
+    from app.streaming.client import stream_audio
 
     post_pad_s = 0.15
     rng = random.Random(n)

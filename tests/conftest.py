@@ -17,6 +17,6 @@ def fixtures_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def analyzer():
-    from app.pipeline import Analyzer
+    from app.analysis.analyzer import Analyzer
 
     return Analyzer()

@@ -115,10 +115,10 @@ def serve_once(settings, analyzer, monkeypatch) -> tuple[object, np.ndarray]:
     """Start an Engine whose Analyzer comes from ``Analyzer.from_settings(settings)`` (ASR replaced
     by the session's memoised recognizer), warm it up (ASR + every model on a real analysis) and
     run one utterance through its first model; returns (the engine's analyzer config, probabilities)."""
-    from app.asr import Recognizer
-    from app.audio import decode
-    from app.engine import Engine
-    from app.model_inputs import model_inputs
+    from app.analysis.asr import Recognizer
+    from app.analysis.audio import decode
+    from app.analysis.inputs import model_inputs
+    from app.inference.engine import Engine
 
     memo = memo_recognizer(analyzer)
     monkeypatch.setattr(Recognizer, "from_settings", classmethod(lambda cls, *a, **k: memo))
@@ -146,8 +146,8 @@ def assert_served_only_with(
     error that names ``refusal``."""
     import pytest
 
-    from app.engine import Engine, ModelLoadError
-    from app.pipeline import FeatureConfig
+    from app.analysis.analyzer import FeatureConfig
+    from app.inference.engine import Engine, ModelLoadError
     from tests.serving_helpers import make_settings
 
     settings = make_settings(tmp, model_dir=tmp / "trained", models=[model_id], warmup=True, **part)

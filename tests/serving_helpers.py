@@ -1,6 +1,6 @@
 """Helpers for the serving tests: dummy ONNX models with cards, settings, a shared Analyzer.
 
-The dummy models read the same named inputs as the real ones (``app.model_inputs``), reduce each
+The dummy models read the same named inputs as the real ones (``app.analysis.inputs``), reduce each
 to its mean, mix the means with fixed random weights and return ``probabilities`` (batch, 4) by
 softmax: cheap, deterministic, and sensitive to every input they declare.
 """
@@ -75,7 +75,7 @@ def write_dummy_models(
     model_dir: Path, ids=ALL_MODELS, classes=CLASSES, digest: str | None = None, inputs: dict | None = None
 ) -> Path:
     """``<id>.onnx`` + ``<id>.json`` for each id; the cards carry the real sha256 and feature digest."""
-    from app.pipeline import FeatureConfig
+    from app.analysis.analyzer import FeatureConfig
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +114,9 @@ def make_settings(tmp: Path, **overrides):
 @functools.lru_cache(maxsize=1)
 def shared_analyzer():
     """One real Analyzer (bundled tiny.en + MiniLM) for every serving test in the process."""
-    from app.asr import Recognizer
-    from app.pipeline import Analyzer
-    from app.text import TextEncoder
+    from app.analysis.analyzer import Analyzer
+    from app.analysis.asr import Recognizer
+    from app.analysis.text import TextEncoder
 
     return Analyzer(Recognizer(device="cpu", cpu_threads=2), TextEncoder(threads=1))
 

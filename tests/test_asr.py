@@ -1,4 +1,4 @@
-"""app.asr: transcripts, word times and confidences, encoder frames, VAD, offline loading."""
+"""app.analysis.asr: transcripts, word times and confidences, encoder frames, VAD, offline loading."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from app import asr
-from app.audio import decode
+from app.analysis import asr
+from app.analysis.audio import decode
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""app.audio: formats, channel handling, resampling, and every typed error."""
+"""app.analysis.audio: formats, channel handling, resampling, and every typed error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app import audio as A
+from app.analysis import audio as A
 
 CLIP = "kids_angry_a01.flac"
 

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from app.batching import DynamicBatcher
-from app.engine import ModelCard, ModelLoadError, ModelRunner, choose_providers
 from app.errors import DeadlineExceededError, QueueFull
-from app.workpool import FairWorkPool
+from app.inference.batching import DynamicBatcher
+from app.inference.engine import ModelCard, ModelLoadError, ModelRunner, choose_providers
+from app.inference.workpool import FairWorkPool
 from tests.serving_helpers import CLASSES, MODEL_INPUTS, write_dummy_models
 
 
@@ -329,11 +329,11 @@ def test_card_errors(tmp_path):
 
 
 def test_engine_refuses_tampered_model_and_foreign_features(tmp_path):
-    from app.engine import Engine
+    from app.inference.engine import Engine
     from tests.serving_helpers import make_settings
 
     class FakeAnalyzer:
-        from app.pipeline import FeatureConfig
+        from app.analysis.analyzer import FeatureConfig
 
         config = FeatureConfig()
 
@@ -360,8 +360,8 @@ def test_choose_providers():
 
 def test_engine_batches_concurrent_utterances(tmp_path):
     """Through the real engine: concurrent requests for a model share batches, results unchanged."""
-    from app.engine import Engine
-    from app.pipeline import FeatureConfig
+    from app.analysis.analyzer import FeatureConfig
+    from app.inference.engine import Engine
     from tests.serving_helpers import make_settings
 
     class FakeAnalyzer:

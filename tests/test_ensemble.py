@@ -1,4 +1,4 @@
-"""The served ensemble (app/ensemble.py) and the cross-validated weights that feed it."""
+"""The served ensemble (app/inference/ensemble.py) and the cross-validated weights that feed it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from app.ensemble import combine, load_weights
+from app.inference.ensemble import combine, load_weights
 from app.service import make_emotion
 
 CLASSES = ("neutral", "happy", "sad", "angry")

@@ -1,4 +1,4 @@
-"""Tests of app.features on synthetic signals; librosa (a dev dependency) is the reference where one exists."""
+"""Tests of app.analysis.features on synthetic signals; librosa (a dev dependency) is the reference where one exists."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from app import features as F
+from app.analysis import features as F
 
 SR = F.SAMPLE_RATE
 
@@ -92,7 +92,9 @@ def test_compute_acoustic_equals_the_separate_functions(voiced: np.ndarray) -> N
 
 
 def test_app_import_pulls_no_librosa_numba_or_torch() -> None:
-    code = "import sys, app.features; print(sorted({'librosa', 'numba', 'torch'} & set(sys.modules)))"
+    code = (
+        "import sys, app.analysis.features; print(sorted({'librosa', 'numba', 'torch'} & set(sys.modules)))"
+    )
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip() == "[]"

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.features import waveform_chunks
-from app.model_inputs import collate
+from app.analysis.features import waveform_chunks
+from app.analysis.inputs import collate
 from training.models import build_model
 from training.models.adf import Adf, AdfConfig
 from training.models.ca_mser import AlexNetFeatures, CaMser, CaMserConfig, adaptive_avg_matrix
@@ -78,7 +78,7 @@ def _stats(rng: np.random.Generator) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# samples (per-utterance dicts as app.model_inputs builds them)
+# samples (per-utterance dicts as app.analysis.inputs builds them)
 # ---------------------------------------------------------------------------------------------
 
 

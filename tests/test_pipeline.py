@@ -1,4 +1,4 @@
-"""app.pipeline + app.model_inputs: the one path from audio to every model input."""
+"""app.analysis.analyzer + app.analysis.inputs: the one path from audio to every model input."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from app import features as F
-from app.audio import decode
-from app.model_inputs import collate, model_inputs
-from app.pipeline import FeatureConfig
+from app.analysis import features as F
+from app.analysis.analyzer import FeatureConfig
+from app.analysis.audio import decode
+from app.analysis.inputs import collate, model_inputs
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """wav2vec2 frames from a local HuggingFace directory (training/speech_encoder_export.py ->
-app.speech_encoder): ca-mser's paper-faithful enc_seg.
+app.analysis.speech_encoder): ca-mser's paper-faithful enc_seg.
 
 A tiny random-init ``Wav2Vec2Model`` (32-d, 2 layers) is saved with ``save_pretrained`` and exported
 once per module: parity with torch, frames per 3-s segment, normalisation, the analyzer and model
@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from app.pipeline import Analyzer, FeatureConfig  # noqa: E402
-from app.speech_encoder import SpeechEncoder  # noqa: E402
+from app.analysis.analyzer import Analyzer, FeatureConfig  # noqa: E402
+from app.analysis.speech_encoder import SpeechEncoder  # noqa: E402
 from tests import pretrained_support as S  # noqa: E402
 
 HIDDEN = 32
@@ -115,8 +115,8 @@ def test_normalisation_follows_the_preprocessor_config(w2v, tmp_path):
 
 
 def test_analyzer_puts_wav2vec2_frames_in_enc_seg(w2v, analyzer, fixtures_dir):
-    from app.audio import decode
-    from app.model_inputs import model_inputs
+    from app.analysis.audio import decode
+    from app.analysis.inputs import model_inputs
     from app.settings import Settings
 
     _, out, _ = w2v

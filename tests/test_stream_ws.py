@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app.stream_client import stream_audio, stream_file
+from app.streaming.client import stream_audio, stream_file
 from tests.serving_helpers import STEREO, make_service
 from tests.stream_support import free_port
 

@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app.local_agreement import LocalAgreement
-from app.schemas import Emotion, WordOut
-from app.settings import Settings
-from app.store.sqlite import SQLiteStore
-from app.stream_audio import ArrivalClock, ChannelResampler, InvalidAudioFrame, PcmDecoder
-from app.stream_protocol import FinalMessage, InterimMessage, PartialMessage, StartMessage, WarningMessage
-from app.stream_segmenter import (
+from app.analysis.segmenter import (
     Candidate,
     PartialDue,
     SegmenterConfig,
     UtteranceEnd,
     UtteranceSegmenter,
 )
-from app.stream_vad import StreamingVAD
-from app.streaming import PriorityGate, StreamSession, UtteranceOutput
+from app.analysis.vad import StreamingVAD
+from app.schemas import Emotion, WordOut
+from app.settings import Settings
+from app.store.sqlite import SQLiteStore
+from app.streaming.audio import ArrivalClock, ChannelResampler, InvalidAudioFrame, PcmDecoder
+from app.streaming.local_agreement import LocalAgreement
+from app.streaming.protocol import FinalMessage, InterimMessage, PartialMessage, StartMessage, WarningMessage
+from app.streaming.session import PriorityGate, StreamSession, UtteranceOutput
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SR = 16000
@@ -168,7 +168,7 @@ def test_pcm_decoder_splits_samples_and_channels():
 
 
 def test_streaming_resampler_matches_one_shot():
-    from app.audio import resample
+    from app.analysis.audio import resample
 
     t = np.arange(48000 * 2) / 48000
     x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
@@ -313,7 +313,7 @@ def test_session_stereo_channels_are_independent(tmp_path, two_utt):
         left, right = np.zeros(n, np.float32), np.zeros(n, np.float32)
         left[: len(first)] = first
         right[SR : SR + len(second)] = second  # the customer answers on the right channel
-        from app.audio import resample
+        from app.analysis.audio import resample
 
         stereo = resample(np.stack([left, right], axis=1), SR, 8000)  # exercise resampling too
         await feed_realtime(session, clock, frames(stereo, rate=8000))

@@ -1,11 +1,11 @@
-"""app.text: word vectors from the bundled ONNX MiniLM, empty transcripts, parity with torch."""
+"""app.analysis.text: word vectors from the bundled ONNX MiniLM, empty transcripts, parity with torch."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from app.text import TextEncoder
+from app.analysis.text import TextEncoder
 
 WORDS = ["Kids", "are", "talking", "by", "the", "door!"]
 

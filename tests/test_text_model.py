@@ -16,10 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from app.asr import ASRError, Recognizer, bundled_model_path  # noqa: E402
-from app.pipeline import Analyzer, FeatureConfig  # noqa: E402
+from app.analysis.analyzer import Analyzer, FeatureConfig  # noqa: E402
+from app.analysis.asr import ASRError, Recognizer, bundled_model_path  # noqa: E402
+from app.analysis.text import TextEncoder  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from app.text import TextEncoder  # noqa: E402
 from tests import pretrained_support as S  # noqa: E402
 
 HIDDEN = 32
@@ -44,7 +44,7 @@ def bert(tmp_path_factory):
 
 
 def test_local_text_encoder_changes_the_digest_and_the_word_width(bert, analyzer, fixtures_dir):
-    from app.audio import decode
+    from app.analysis.audio import decode
 
     enc = TextEncoder(bert)
     assert enc.dim == HIDDEN and enc.identity == TextEncoder.identity_of(bert)

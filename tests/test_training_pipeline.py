@@ -131,7 +131,7 @@ class SpyAnalyzer:
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     """Runs the real Analyzer once over the 8 clips into a fresh cache."""
-    from app.pipeline import Analyzer
+    from app.analysis.analyzer import Analyzer
 
     root = tmp_path_factory.mktemp("cache")
     clips = _pick_clips()

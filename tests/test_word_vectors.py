@@ -1,4 +1,4 @@
-"""GloVe word vectors from a local text file (app.word_vectors): adf's paper-faithful words_static.
+"""GloVe word vectors from a local text file (app.analysis.word_vectors): adf's paper-faithful words_static.
 
 A tiny GloVe file is written by each test: parsing and lookup rules, the analyzer and model
 inputs, the feature digest, a training run of adf through the CLI, and serving the trained model.
@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from app.pipeline import Analyzer, FeatureConfig
-from app.word_vectors import WordVectors, candidates
+from app.analysis.analyzer import Analyzer, FeatureConfig
+from app.analysis.word_vectors import WordVectors, candidates
 from tests import pretrained_support as S
 
 DIM = 6
@@ -70,8 +70,8 @@ def test_load_is_memoised_and_identity_follows_content(glove):
 
 
 def test_analyzer_takes_words_static_from_glove(analyzer, glove, fixtures_dir):
-    from app.audio import decode
-    from app.model_inputs import model_inputs
+    from app.analysis.audio import decode
+    from app.analysis.inputs import model_inputs
     from app.settings import Settings
 
     path, table = glove

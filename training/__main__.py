@@ -309,7 +309,7 @@ class Context:
     """Loaded corpus + cache shared by the commands."""
 
     def __init__(self, args):
-        from app.pipeline import FeatureConfig
+        from app.analysis.analyzer import FeatureConfig
         from training.cache import FeatureCache
 
         self.args = args
@@ -323,23 +323,23 @@ class Context:
 
     def analyzer(self):
         """The Analyzer for cache misses (built on the first miss), with the pretrained parts asked for."""
-        from app.pipeline import Analyzer
+        from app.analysis.analyzer import Analyzer
 
         speech_encoder = word_vectors = recognizer = text_encoder = None
         if self.args.asr_model:
-            from app.asr import Recognizer
+            from app.analysis.asr import Recognizer
 
             recognizer = Recognizer(self.args.asr_model)
         if self.args.text_model:
-            from app.text import TextEncoder
+            from app.analysis.text import TextEncoder
 
             text_encoder = TextEncoder(self.args.text_model)
         if self.args.speech_encoder:
-            from app.speech_encoder import SpeechEncoder
+            from app.analysis.speech_encoder import SpeechEncoder
 
             speech_encoder = SpeechEncoder(self.args.speech_encoder)
         if self.args.glove:
-            from app.word_vectors import WordVectors
+            from app.analysis.word_vectors import WordVectors
 
             word_vectors = WordVectors.load(self.args.glove)
         return Analyzer(

@@ -2,7 +2,7 @@
 
 About 540 training clips from 15 actors is small for models that learn their acoustic front end
 from scratch, so every training batch is perturbed the way SpecAugment and noise injection do it,
-in the input space the models read (``app.model_inputs``), after caching:
+in the input space the models read (``app.analysis.inputs``), after caching:
 
 * **Feature noise:** Gaussian noise of ``noise`` x the feature's training-split standard deviation
   (from ``trainer.compute_stats``) on every real frame of a frame-sequence input.

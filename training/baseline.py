@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.pipeline import FeatureConfig
+from app.analysis.analyzer import FeatureConfig
 from training import metrics as M
 from training.cache import Sample
 from training.protocols import Fold

@@ -1,7 +1,7 @@
-"""Feature cache: every clip goes through ``app.pipeline.Analyzer.analyze`` exactly once.
+"""Feature cache: every clip goes through ``app.analysis.analyzer.Analyzer.analyze`` exactly once.
 
 Layout: ``<root>/<FeatureConfig digest>/<sha256 of the decoded 16-kHz float32 audio>.npz`` holds
-``app.model_inputs.model_inputs(analysis)``; the ``.json`` beside it holds the transcript (text and
+``app.analysis.inputs.model_inputs(analysis)``; the ``.json`` beside it holds the transcript (text and
 words with start/end/confidence), the duration and the timings. Keys depend on the audio content,
 not the file name, so a renamed or duplicated file is a cache hit; a change of any feature knob
 changes the digest and therefore the directory. Files are written atomically (temp + rename).
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.audio import decode
-from app.model_inputs import model_inputs
-from app.pipeline import FeatureConfig
+from app.analysis.analyzer import FeatureConfig
+from app.analysis.audio import decode
+from app.analysis.inputs import model_inputs
 from training.data import Clip
 
 DEFAULT_ROOT = Path("cache")
@@ -125,7 +125,7 @@ class _LazyAnalyzer:
     def get(self):
         if self._analyzer is None:
             if self._source is None:
-                from app.pipeline import Analyzer
+                from app.analysis.analyzer import Analyzer
 
                 self._analyzer = Analyzer(config=self._config)
             elif hasattr(self._source, "analyze"):

@@ -1,6 +1,6 @@
 """ONNX export of a trained model, parity check against torch, and the model card.
 
-The ONNX graph takes the model's named raw inputs (``app.model_inputs`` vocabulary, batch-first,
+The ONNX graph takes the model's named raw inputs (``app.analysis.inputs`` vocabulary, batch-first,
 zero-padded, float32) and returns ``probabilities`` (batch, classes) after a softmax. Batch and
 every sequence axis are dynamic. The card ``models/<id>.json`` records what a server needs to feed
 the graph and what a reader needs to judge it (data, licence, protocol, metrics).
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.model_inputs import collate
-from app.pipeline import FeatureConfig
+from app.analysis.analyzer import FeatureConfig
+from app.analysis.inputs import collate
 from training.cache import Sample
 from training.data import DATASET_LICENCES
 from training.models import config_dict

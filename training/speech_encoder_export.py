@@ -1,6 +1,6 @@
 """Export a local HuggingFace wav2vec2 model to ONNX: the paper-faithful ca-mser embedding (SPEC §2).
 
-The server runs the exported file with ONNX Runtime (``app.speech_encoder.SpeechEncoder``), so
+The server runs the exported file with ONNX Runtime (``app.analysis.speech_encoder.SpeechEncoder``), so
 serving needs neither torch nor transformers. The graph reads ``input_values`` (batch, samples) of
 16-kHz audio -- already zero-mean/unit-variance normalised when the feature extractor says
 ``do_normalize``; ``SpeechEncoder`` does that -- and returns ``last_hidden_state`` (batch, frames,

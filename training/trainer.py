@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.features import n_frames
-from app.model_inputs import SEGMENT_ENC_FRAMES, SEGMENT_FRAMES, collate
-from app.pipeline import FeatureConfig
+from app.analysis.analyzer import FeatureConfig
+from app.analysis.features import n_frames
+from app.analysis.inputs import SEGMENT_ENC_FRAMES, SEGMENT_FRAMES, collate
 from training import metrics as M
 from training.augment import FRAME_INPUTS, AugmentConfig, augment_batch
 from training.cache import Sample
@@ -208,7 +208,7 @@ class FitResult:
 
 
 def batches(samples: Sequence[Sample], names: Sequence[str], size: int, device, order=None, transform=None):
-    """Yield (tensors in ``names`` order, labels) batches built with ``app.model_inputs.collate``;
+    """Yield (tensors in ``names`` order, labels) batches built with ``app.analysis.inputs.collate``;
     ``transform`` (e.g. augmentation) maps the collated arrays before they become tensors."""
     order = np.arange(len(samples)) if order is None else order
     for lo in range(0, len(order), size):

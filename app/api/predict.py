@@ -18,8 +18,8 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.analysis.audio import AudioLimits, decode
 from app.api.upload import read_upload
-from app.audio import AudioLimits, decode
 from app.errors import InvalidOptionError, NotReadyError, StoreUnavailableError
 from app.schemas import ErrorBody, PredictResponse
 from app.service import new_request_key

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import ServiceError, StoreUnavailableError
 from app.schemas import Emotion, ErrorBody, WordOut
-from app.stream_protocol import SESSION_ID_PATTERN
+from app.streaming.protocol import SESSION_ID_PATTERN
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 

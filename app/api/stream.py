@@ -79,8 +79,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from app import metrics
 from app.api.auth import check_api_key
 from app.errors import UnauthorizedError
-from app.stream_audio import InvalidAudioFrame
-from app.stream_protocol import (
+from app.streaming.audio import InvalidAudioFrame
+from app.streaming.protocol import (
     CLIENT_TYPES,
     ENCODINGS,
     ErrorMessage,
@@ -90,7 +90,7 @@ from app.stream_protocol import (
     StopMessage,
     client_message,
 )
-from app.streaming import ServiceBackend, StreamSession
+from app.streaming.session import ServiceBackend, StreamSession
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Model registry: model id -> (module class, config dataclass).
 
 Every model is an ``nn.Module`` with:
-* ``input_names``: tuple of ``app.model_inputs`` names read by ``forward`` (in argument order);
+* ``input_names``: tuple of ``app.analysis.inputs`` names read by ``forward`` (in argument order);
   it depends on the variant (an audio-only variant reads no text input);
 * ``forward(*tensors) -> logits`` shaped (batch, classes), padding-invariant given the masks;
 * a constructor ``(config, n_classes, stats)`` where ``stats`` maps an input name to

@@ -12,7 +12,7 @@ of a chunk starting at a multiple of 160 samples coincides with that of the whol
 runs ONCE over the whole waveform, and the first chunk-level dense layer (flatten -> Linear) is a
 Conv1d whose kernel is the per-chunk trunk length and whose stride is 160 / D: its k-th output is
 exactly the dense layer applied to chunk k (``test_models_camser_adf`` checks it against running
-``app.features.waveform_chunks`` chunk by chunk). The later dense layers are 1x1 convolutions.
+``app.analysis.features.waveform_chunks`` chunk by chunk). The later dense layers are 1x1 convolutions.
 For 3.5 s (326 chunks) the default preset needs ~0.25 GMAC instead of ~3.1 GMAC chunk by chunk.
 The default preset computes the sinc layer at stride 2 (every other output sample, half the cost;
 the following |.| + max pooling is an envelope detector, so little is lost); "paper" uses stride 1.
@@ -327,7 +327,7 @@ class AudioNet(nn.Module):
     def embed_sliding(self, x: Tensor, mask: Tensor) -> Tensor:
         """(B, L) normalised waveform -> (B, H): mean over every chunk at the evaluation shift.
 
-        The same numbers as ``embed_chunks`` on ``app.features.waveform_chunks(audio)`` averaged,
+        The same numbers as ``embed_chunks`` on ``app.analysis.features.waveform_chunks(audio)`` averaged,
         with the trunk computed once. The right pad of one chunk of zeros makes audio shorter than
         a chunk one zero-padded chunk; chunks reaching past the valid samples are masked out.
         """

@@ -16,7 +16,7 @@ Variants (paper Table 2): ``features`` any non-empty subset of {"mfcc", "spec", 
 ``co_attention`` on/off (off: the encoder frames are mean-pooled). ``input_names`` lists only the
 inputs a variant reads.
 
-Inputs arrive raw (``app.model_inputs``): ``mfcc_seg`` (B, S, 300, 40), ``spec_seg`` (B, S, 300, 200),
+Inputs arrive raw (``app.analysis.inputs``): ``mfcc_seg`` (B, S, 300, 40), ``spec_seg`` (B, S, 300, 200),
 ``enc_seg`` (B, S, 150, E), ``seg_mask`` (B, S). Each is standardised inside the graph with the
 training-split statistics (``InputNorm``). Frames that are exactly zero in the raw input are the
 zero-padding of the last segment (``model_inputs._segments``): they are kept at zero after

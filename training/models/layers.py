@@ -3,7 +3,7 @@
 Conventions used by every block here:
 
 * sequences are batch-first ``(B, T, D)``; a mask is ``(B, T)`` float with 1.0 for real steps and
-  0.0 for padding, and padding always sits at the END of a sequence (``app.model_inputs.collate``);
+  0.0 for padding, and padding always sits at the END of a sequence (``app.analysis.inputs.collate``);
 * a sample alone and the same sample inside a zero-padded batch give the same outputs (eval mode):
   padded steps never leak into real ones, and outputs at padded steps are zeroed;
 * nothing here returns NaN, not even for an all-padding mask (ONNX Runtime turns ``-inf`` masking

@@ -8,7 +8,7 @@ the paper: the utterance is cut into 3-s segments, the last one zero-padded, and
 each segment (149 frames of 20 ms per 3 s). When the feature extractor config says
 ``do_normalize``, each segment is normalised to zero mean and unit variance over its real samples
 before the zero padding (what ``Wav2Vec2FeatureExtractor`` does with an attention mask). Each
-segment's frames are padded to 150 (``app.model_inputs.SEGMENT_ENC_FRAMES``), and the frames that
+segment's frames are padded to 150 (``app.analysis.inputs.SEGMENT_ENC_FRAMES``), and the frames that
 start after the end of the audio are zeroed, so that, as with Whisper frames, all-zero frames mark
 padding for the model.
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app import pretrained
+from app.analysis import pretrained
 
 SAMPLE_RATE = 16000
 HOP = 320  # samples per wav2vec2 frame (product of the feature encoder's conv strides): 20 ms
 SEGMENT_S = 3.0
-SEGMENT_FRAMES = 150  # = app.model_inputs.SEGMENT_ENC_FRAMES (149 wav2vec2 frames + 1 of padding)
+SEGMENT_FRAMES = 150  # = app.analysis.inputs.SEGMENT_ENC_FRAMES (149 wav2vec2 frames + 1 of padding)
 
 
 class SpeechEncoder:
@@ -67,7 +67,7 @@ class SpeechEncoder:
 
     @staticmethod
     def identity_of(model_dir: str | Path) -> str:
-        """``<dir name>:<hash of model.onnx and preprocessor_config.json>`` (see ``app.pretrained``)."""
+        """``<dir name>:<hash of model.onnx and preprocessor_config.json>`` (see ``app.analysis.pretrained``)."""
         path = Path(model_dir).resolve()
         if not (path / "model.onnx").is_file():
             raise FileNotFoundError(f"speech encoder directory {path} has no model.onnx")

@@ -55,7 +55,7 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
         return data, int(rate)
     except Exception:
-        from app.audio import decode
+        from app.analysis.audio import decode
 
         audio = decode(path, channels="separate")
         return audio.samples.T.copy(), 16000

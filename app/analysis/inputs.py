@@ -28,9 +28,9 @@ with zeros (masks are 1.0 for real steps, 0.0 for padding).
 | encoder_mask    | (Te,)          | baseline         |                                               |
 
 + Pretrained parts (SPEC §2): ``words_static`` holds ``Analysis.word_vectors`` (a local GloVe file,
-``app.word_vectors``) when the analyzer has one, else the text encoder's input-embedding vectors
+``app.analysis.word_vectors``) when the analyzer has one, else the text encoder's input-embedding vectors
 (the GloVe substitute); ``enc_seg`` holds ``Analysis.speech_frames`` (wav2vec2 run on each 3-s
-segment, ``app.speech_encoder``) when the analyzer has a speech encoder, else the Whisper encoder
+segment, ``app.analysis.speech_encoder``) when the analyzer has a speech encoder, else the Whisper encoder
 frames cut into 3-s segments.
 """
 
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app import features as F
+from app.analysis import features as F
 
 SEGMENT_FRAMES = 300  # 3 s at 10 ms
 SEGMENT_ENC_FRAMES = 150  # 3 s at 50 frames/s

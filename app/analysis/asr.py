@@ -143,10 +143,10 @@ class Recognizer:
     @staticmethod
     def identity_of(model_path: str | os.PathLike | None) -> str:
         """``FeatureConfig.asr_model``: ``tiny.en`` for the bundled model, else ``<dir name>:<hash of
-        model.bin, config.json and the vocabulary>`` (``app.pretrained``). Another ASR model changes
+        model.bin, config.json and the vocabulary>`` (``app.analysis.pretrained``). Another ASR model changes
         the words, their confidences and the encoder frames, so it must change the feature digest.
         Hashing a large model.bin takes seconds; it is remembered for the life of the process."""
-        from app import pretrained
+        from app.analysis import pretrained
 
         if not model_path:
             return BUNDLED_NAME

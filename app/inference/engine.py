@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 
 from app import metrics
-from app.batching import DynamicBatcher
-from app.ensemble import load_weights
+from app.analysis.inputs import collate, model_inputs
 from app.errors import InferenceError, NotReadyError, ServiceError
-from app.model_inputs import collate, model_inputs
-from app.workpool import FairWorkPool
+from app.inference.batching import DynamicBatcher
+from app.inference.ensemble import load_weights
+from app.inference.workpool import FairWorkPool
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class ModelCard:
 
 def _parts_note(feature_config: dict | None) -> str:
     """`` (speech_encoder=..., text_model=...)`` for the non-default parts a feature config names."""
-    from app.pipeline import FeatureConfig
+    from app.analysis.analyzer import FeatureConfig
 
     default = FeatureConfig().__dict__
     keys = ("asr_model", "text_model", "speech_encoder", "word_vectors")
@@ -195,7 +195,7 @@ class ModelRunner:
     """One ONNX Runtime session; ``run`` takes per-utterance input dicts and returns probabilities.
 
     Only the inputs the graph declares (``session.get_inputs()``) are collated and fed; the rest of
-    the vocabulary of ``app.model_inputs`` is ignored. Probabilities come back in ``classes`` order.
+    the vocabulary of ``app.analysis.inputs`` is ignored. Probabilities come back in ``classes`` order.
     Thread-safety: ``run`` may be called from several threads at once.
     """
 
@@ -289,7 +289,7 @@ class Engine:
         self.plan = ThreadPlan.from_settings(settings)
         self.analyzer = analyzer
         self.cards: dict[str, ModelCard] = {}
-        self.ensemble_weights: dict[str, float] | None = None  # None = plain mean (app.ensemble)
+        self.ensemble_weights: dict[str, float] | None = None  # None = plain mean (app.inference.ensemble)
         self.runners: dict[str, ModelRunner] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.classes: tuple[str, ...] = ()
@@ -402,7 +402,7 @@ class Engine:
         log.info("ensemble: %s", self.ensemble_weights or "plain mean")
 
     def _build_analyzer(self):
-        from app.pipeline import Analyzer
+        from app.analysis.analyzer import Analyzer
 
         return Analyzer.from_settings(
             self.settings, asr_threads=self.plan.asr_threads, asr_workers=self.plan.asr_workers
@@ -417,7 +417,7 @@ class Engine:
             probs = await batcher.submit(inputs)
             log.info("warm-up %s: %s", mid, np.round(probs, 3).tolist())
         # Silero VAD loads lazily: load it now rather than on the first request.
-        from app.asr import speech_regions
+        from app.analysis.asr import speech_regions
 
         await self.pool.run("warmup", speech_regions, warmup_audio())
         log.info("warm-up done in %.2f s", time.perf_counter() - t0)

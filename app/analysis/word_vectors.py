@@ -11,7 +11,7 @@ empty transcript.
 
 Loading does not parse the file: it is memory-mapped, one pass over it records where each word's
 line starts, and a line is parsed only when its word is looked up. A 400k-word, 300-d, 1-GB file
-opens in about 1.5 s here (hashing it for the feature digest, see ``app.pretrained``, included);
+opens in about 1.5 s here (hashing it for the feature digest, see ``app.analysis.pretrained``, included);
 the index takes tens of MB, the mapped file stays in the shared, reclaimable page cache.
 ``WordVectors.load`` returns the same object for the same unchanged file, so a process never
 indexes it twice.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app import pretrained
+from app.analysis import pretrained
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class WordVectors:
 
     @staticmethod
     def identity_of(path: str | Path) -> str:
-        """``<file name>:<hash of the file>`` (see ``app.pretrained``)."""
+        """``<file name>:<hash of the file>`` (see ``app.analysis.pretrained``)."""
         return pretrained.identity(Path(path).name, [path])
 
     def _header(self) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 * ``PcmDecoder`` turns binary frames (interleaved ``pcm_s16le`` or ``f32le``) into (n, channels)
   float32. A frame need not hold whole sample frames: leftover bytes wait for the next frame.
 * ``ChannelResampler`` resamples each channel to 16 kHz with soxr's *streaming* resampler (the
-  same soxr HQ filter as ``app.audio.resample``, which handles whole clips). Resampling each 20-ms
+  same soxr HQ filter as ``app.analysis.audio.resample``, which handles whole clips). Resampling each 20-ms
   frame separately with the one-shot function would zero-pad both edges of every frame and put a
   click every 20 ms into the audio; the streaming resampler carries its filter state over.
 * ``ArrivalClock`` remembers when the frame holding each audio position arrived, so a final's
@@ -19,8 +19,8 @@ from collections import deque
 
 import numpy as np
 
-from app.audio import SAMPLE_RATE, resample
-from app.stream_protocol import ENCODINGS
+from app.analysis.audio import SAMPLE_RATE, resample
+from app.streaming.protocol import ENCODINGS
 
 
 class InvalidAudioFrame(ValueError):
@@ -75,7 +75,7 @@ class ChannelResampler:
 
 
 def resample_clip(x: np.ndarray, rate_in: int) -> np.ndarray:
-    """Whole-clip resampling, for clients and tests (``app.audio.resample``)."""
+    """Whole-clip resampling, for clients and tests (``app.analysis.audio.resample``)."""
     return resample(x, rate_in, SAMPLE_RATE)
 
 

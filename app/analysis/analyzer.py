@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app import features as F
-from app.asr import Transcript
-from app.text import TextFeatures
+from app.analysis import features as F
+from app.analysis.asr import Transcript
+from app.analysis.text import TextFeatures
 
 SAMPLE_RATE = 16000
 
@@ -59,13 +59,13 @@ class FeatureConfig:
         **fields,
     ) -> FeatureConfig:
         """The config of an analyzer using these local parts: a wav2vec2 ONNX directory
-        (``app.speech_encoder``), a GloVe file (``app.word_vectors``), a text encoder directory
-        (``app.text``, e.g. an exported BERT) and a faster-whisper directory (``app.asr``).
+        (``app.analysis.speech_encoder``), a GloVe file (``app.analysis.word_vectors``), a text encoder directory
+        (``app.analysis.text``, e.g. an exported BERT) and a faster-whisper directory (``app.analysis.asr``).
         Hashes the files; loads nothing."""
-        from app.asr import Recognizer
-        from app.speech_encoder import SpeechEncoder
-        from app.text import TextEncoder
-        from app.word_vectors import WordVectors
+        from app.analysis.asr import Recognizer
+        from app.analysis.speech_encoder import SpeechEncoder
+        from app.analysis.text import TextEncoder
+        from app.analysis.word_vectors import WordVectors
 
         if text_model:
             fields["text_model"] = TextEncoder.identity_of(text_model)
@@ -127,8 +127,8 @@ def _now_ms() -> float:
 class Analyzer:
     """Runs ASR, text encoding and acoustic features for one utterance at a time.
 
-    Optional paper-faithful parts (SPEC §2): ``speech_encoder`` (``app.speech_encoder.SpeechEncoder``,
-    wav2vec2 frames for ca-mser) and ``word_vectors`` (``app.word_vectors.WordVectors``, GloVe for
+    Optional paper-faithful parts (SPEC §2): ``speech_encoder`` (``app.analysis.speech_encoder.SpeechEncoder``,
+    wav2vec2 frames for ca-mser) and ``word_vectors`` (``app.analysis.word_vectors.WordVectors``, GloVe for
     adf). The config names them; a ``config`` that names other parts than those given is refused.
     """
 
@@ -140,8 +140,8 @@ class Analyzer:
         speech_encoder=None,
         word_vectors=None,
     ):
-        from app.asr import Recognizer
-        from app.text import TextEncoder
+        from app.analysis.asr import Recognizer
+        from app.analysis.text import TextEncoder
 
         self.recognizer = recognizer or Recognizer()
         self.text_encoder = text_encoder or TextEncoder()
@@ -168,9 +168,9 @@ class Analyzer:
         """ASR, text encoder and the optional pretrained parts configured by ``app.settings.Settings``.
         The text and speech encoders run right after ASR in the same worker, so they get ASR's thread
         share (``asr_threads``)."""
-        from app.asr import Recognizer
+        from app.analysis.asr import Recognizer
+        from app.analysis.text import TextEncoder
         from app.settings import get_settings
-        from app.text import TextEncoder
 
         s = settings or get_settings()
         recognizer = Recognizer.from_settings(s, cpu_threads=asr_threads, num_workers=asr_workers)
@@ -179,13 +179,13 @@ class Analyzer:
         )
         speech_encoder = word_vectors = None
         if s.speech_encoder:
-            from app.speech_encoder import SpeechEncoder
+            from app.analysis.speech_encoder import SpeechEncoder
 
             speech_encoder = SpeechEncoder(
                 s.speech_encoder, providers=["CPUExecutionProvider"], threads=asr_threads or 0
             )
         if s.glove_path:
-            from app.word_vectors import WordVectors
+            from app.analysis.word_vectors import WordVectors
 
             word_vectors = WordVectors.load(s.glove_path)
         return cls(recognizer, text_encoder, speech_encoder=speech_encoder, word_vectors=word_vectors)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.audio import SAMPLE_RATE
-from app.stream_vad import WINDOW, StreamingVAD
+from app.analysis.audio import SAMPLE_RATE
+from app.analysis.vad import WINDOW, StreamingVAD
 
 
 @dataclass(frozen=True)

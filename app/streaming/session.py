@@ -44,11 +44,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from app.audio import SAMPLE_RATE
-from app.local_agreement import LocalAgreement
+from app.analysis.audio import SAMPLE_RATE
+from app.analysis.segmenter import (
+    Candidate,
+    CandidateCancelled,
+    InterimDue,
+    PartialDue,
+    SegmenterConfig,
+    UtteranceDiscarded,
+    UtteranceEnd,
+    UtteranceSegmenter,
+    UtteranceStart,
+)
 from app.schemas import Emotion, WordOut
-from app.stream_audio import ArrivalClock, ChannelResampler, PcmDecoder
-from app.stream_protocol import (
+from app.streaming.audio import ArrivalClock, ChannelResampler, PcmDecoder
+from app.streaming.local_agreement import LocalAgreement
+from app.streaming.protocol import (
     EndMessage,
     EndStats,
     ErrorMessage,
@@ -59,17 +70,6 @@ from app.stream_protocol import (
     StartMessage,
     StreamSettings,
     WarningMessage,
-)
-from app.stream_segmenter import (
-    Candidate,
-    CandidateCancelled,
-    InterimDue,
-    PartialDue,
-    SegmenterConfig,
-    UtteranceDiscarded,
-    UtteranceEnd,
-    UtteranceSegmenter,
-    UtteranceStart,
 )
 
 log = logging.getLogger(__name__)

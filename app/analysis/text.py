@@ -24,7 +24,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BUNDLED_DIR = Path(__file__).parent / "assets" / "minilm"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "minilm"
 BUNDLED_NAME = "all-MiniLM-L6-v2"  # FeatureConfig.text_model of the bundled encoder
 MAX_TOKENS = 256  # MiniLM was trained on <= 256 tokens; longer transcripts are encoded in pieces
 
@@ -67,8 +67,8 @@ class TextEncoder:
     @staticmethod
     def identity_of(model_dir: str | Path | None) -> str:
         """``FeatureConfig.text_model``: the bundled encoder's name, else ``<dir name>:<hash of
-        model.onnx and tokenizer.json>`` (``app.pretrained``), so another BERT changes the digest."""
-        from app import pretrained
+        model.onnx and tokenizer.json>`` (``app.analysis.pretrained``), so another BERT changes the digest."""
+        from app.analysis import pretrained
 
         if not model_dir or Path(model_dir).resolve() == BUNDLED_DIR.resolve():
             return BUNDLED_NAME

@@ -1,0 +1,1 @@
+"""Audio in, model inputs out: decoding, utterances, ASR, text and acoustic features."""

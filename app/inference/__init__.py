@@ -1,0 +1,1 @@
+"""ONNX Runtime sessions, dynamic batching, the ASR scheduler and the ensemble."""
