@@ -84,6 +84,20 @@ class NotReadyError(OverloadedError):
     code = "not_ready"
 
 
+class DecoderBusyError(OverloadedError):
+    """Every isolated audio decoder process stayed busy for the pool's whole wait (503 + Retry-After)."""
+
+    code = "decoder_busy"
+
+
+class DecoderUnavailableError(ServiceError):
+    """The isolated audio decoder processes cannot start (a server fault, not the upload's)."""
+
+    status = 503
+    code = "decoder_unavailable"
+    retry_after = 5.0
+
+
 class DeadlineExceededError(ServiceError):
     """The request could not be served before its deadline (queueing included)."""
 

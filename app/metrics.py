@@ -72,9 +72,34 @@ INFERENCE_SECONDS = Histogram(
     buckets=_FAST_BUCKETS,
     registry=REGISTRY,
 )
+ASR_BATCH_SIZE = Histogram(
+    "emotion_asr_batch_size",
+    "Utterances per ASR lane batch (one transcribe_batch call), all priorities together",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+    registry=REGISTRY,
+)
+LANE_QUEUE_DEPTH = Gauge(
+    "emotion_lane_queue_depth",
+    "Jobs waiting in a scheduler lane (asr | cpu), per priority (final | rest | partial)",
+    ["lane", "priority"],
+    registry=REGISTRY,
+)
+LANE_QUEUE_WAIT = Histogram(
+    "emotion_lane_queue_wait_seconds",
+    "Time from enqueue to the start of the batch, per scheduler lane and priority",
+    ["lane", "priority"],
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+LANE_REFUSED = Counter(
+    "emotion_lane_refused_total",
+    "Jobs a scheduler lane did not run: queue_full (refused), shed (partials), deadline (expired queued)",
+    ["lane", "priority", "reason"],
+    registry=REGISTRY,
+)
 ASR_SECONDS = Histogram(
     "emotion_asr_seconds",
-    "Per-utterance analysis time in the ASR pool: faster-whisper transcription",
+    "Per-utterance faster-whisper transcription time (the analysis timing_ms asr entry)",
     buckets=_FAST_BUCKETS,
     registry=REGISTRY,
 )

@@ -1,10 +1,10 @@
 """The orchestration that REST, the CLI and streaming share: audio in, transcript + emotion out.
 
 ``EmotionService.analyze_utterance`` runs one utterance (<= 30 s, 16 kHz mono) through
-``Analyzer.analyze`` in the fair ASR pool, then through the batcher of every requested model, and
+the engine's batching ASR lane (``app.inference.scheduler``), then through the batcher of every requested model, and
 returns an ``UtteranceResult`` (transcript, words with absolute times, per-model and mean
-probabilities, timings). ``predict`` handles a whole input: it finds speech regions with Silero
-VAD per channel, analyses each region as one utterance (all of them concurrently, scheduled
+probabilities, timings). ``predict`` handles a whole input: it splits each channel into utterances
+with ``app.analysis.segmenter`` (the same cut streaming and training use), analyses each one (all of them concurrently, scheduled
 fairly against other requests), and combines them: the whole-input emotion is the mean of the
 segments' probabilities weighted by segment duration.
 
@@ -27,16 +27,19 @@ import itertools
 import logging
 import time
 from collections.abc import Hashable, Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 
 from app import metrics
-from app.analysis.asr import SpeechRegion, speech_regions
+from app.analysis.asr import MAX_SAMPLES
 from app.analysis.audio import SAMPLE_RATE, Audio, ChannelMode
 from app.analysis.inputs import model_inputs
+from app.analysis.segmenter import Span, UtterancePolicy, split_utterances
 from app.errors import NoSpeechError, NotReadyError, UnknownModelError
 from app.inference.engine import Engine
 from app.inference.ensemble import combine
+from app.inference.scheduler import Priority
 from app.schemas import Emotion, ModelEmotion, ModelInfo, PredictResponse, Timing, UtteranceResult, WordOut
 
 log = logging.getLogger(__name__)
@@ -106,15 +109,14 @@ def weighted_emotion(
     return Emotion(label=_label(classes, top), probabilities=_probs_dict(classes, top), per_model=per_model)
 
 
-def split_long(regions: Sequence[SpeechRegion], max_samples: int) -> list[SpeechRegion]:
-    """Cut regions longer than ``max_samples`` into equal parts (VAD already caps them; a safety net)."""
-    out = []
-    for r in regions:
-        n = r.end - r.start
-        parts = max(1, -(-n // max_samples))
-        bounds = np.linspace(r.start, r.end, parts + 1).astype(int)
-        out += [SpeechRegion(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    return out
+def split_even(span: Span, max_samples: int) -> list[Span]:
+    """Cut a span longer than ``max_samples`` into equal parts (``whole`` mode over 30 s)."""
+    parts = max(1, -(-(span.end - span.start) // max_samples))
+    bounds = np.linspace(span.start, span.end, parts + 1).astype(int)
+    return [Span(int(a), int(b), span.reason) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+Segmentation = Literal["utterance", "whole"]
 
 
 class EmotionService:
@@ -124,6 +126,7 @@ class EmotionService:
         from app.settings import get_settings
 
         self.settings = settings or get_settings()
+        self.policy = UtterancePolicy.from_settings(self.settings)
         self.engine = engine or Engine(self.settings, analyzer=analyzer)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -187,16 +190,19 @@ class EmotionService:
         source: str = "stream",
         timeout_s: float | None = None,
         count_audio: bool = True,
+        priority: Priority = Priority.REST,
     ) -> UtteranceResult:
         """Transcript + emotion of one utterance (16-kHz mono float32, <= ``max_utterance_s``).
 
-        ``key`` groups jobs for fair ASR scheduling (e.g. one per stream); ``source`` labels the
-        audio-seconds metric. Raises ``UnknownModelError``, ``QueueFull``, ``DeadlineExceededError``.
+        ``key`` groups jobs for fair ASR scheduling (e.g. one per stream); ``priority`` is the ASR
+        lane class (REST for /v1/predict, FINAL for a stream's utterance results, PARTIAL for
+        interims); ``source`` labels the audio-seconds metric. Raises ``UnknownModelError``,
+        ``QueueFull``, ``DeadlineExceededError``.
         """
         ids, include_ensemble = self.resolve_models(models)
         audio16k = np.ascontiguousarray(audio16k, dtype=np.float32).reshape(-1)
         duration = len(audio16k) / SAMPLE_RATE
-        analysis = await self.engine.analyze(audio16k, key=key, timeout_s=timeout_s)
+        analysis = await self.engine.analyze(audio16k, key=key, priority=priority, timeout_s=timeout_s)
         t0 = _ms()
         inputs = model_inputs(analysis, max_words=self.engine.analyzer.config.max_words)
         probs = await asyncio.gather(*(self.engine.infer(mid, inputs, timeout_s=timeout_s) for mid in ids))
@@ -242,31 +248,28 @@ class EmotionService:
         )
 
     async def transcribe(
-        self, audio16k: np.ndarray, key: Hashable | None = None, timeout_s: float | None = None
+        self,
+        audio16k: np.ndarray,
+        key: Hashable | None = None,
+        timeout_s: float | None = None,
+        priority: Priority = Priority.PARTIAL,
     ):
-        """ASR only (e.g. streaming partials), in the same fair pool: returns an ``app.analysis.asr.Transcript``."""
-        recognizer = self.engine.analyzer.recognizer
-        return await self.engine.run_cpu(
-            key, recognizer.transcribe, np.asarray(audio16k, np.float32), timeout_s=timeout_s
+        """ASR only (streaming partials), batched in the ASR lane at ``priority`` (PARTIAL: shed
+        first under load): returns an ``app.analysis.asr.Transcript``."""
+        return await self.engine.transcribe(
+            np.asarray(audio16k, np.float32).reshape(-1), key=key, priority=priority, timeout_s=timeout_s
         )
 
     # --- a whole input -------------------------------------------------------------------------
 
-    def _regions(self, samples: np.ndarray) -> list[SpeechRegion]:
-        s = self.settings
-        max_s = s.max_utterance_s
-        regions = speech_regions(
-            samples,
-            threshold=s.vad_threshold,
-            min_silence_ms=s.vad_min_silence_ms,
-            speech_pad_ms=s.vad_speech_pad_ms,
-            max_speech_s=max_s,
-        )
-        if regions and len(samples) <= int(max_s * SAMPLE_RATE):
-            # A channel that fits one utterance is analysed whole, exactly as the training clips
-            # were (leading/trailing silence included): VAD-cropped audio gives other encoder frames.
-            return [SpeechRegion(0, len(samples))]
-        return split_long(regions, int(max_s * SAMPLE_RATE))
+    def _spans(self, samples: np.ndarray, segmentation: Segmentation) -> list[Span]:
+        """``utterance``: the utterances of ``app.analysis.segmenter`` (the cut streaming and
+        training use); ``whole``: the channel as one utterance (equal parts of <= 30 s), if it
+        holds any speech."""
+        spans = split_utterances(samples, self.policy)
+        if segmentation == "utterance" or not spans:
+            return spans
+        return split_even(Span(0, len(samples), "whole"), MAX_SAMPLES)
 
     async def predict(
         self,
@@ -274,6 +277,7 @@ class EmotionService:
         models: Sequence[str] | None = None,
         channels: ChannelMode = "mix",
         include_words: bool = False,
+        segmentation: Segmentation = "utterance",
         *,
         source: str = "rest",
         decode_ms: float = 0.0,
@@ -285,7 +289,7 @@ class EmotionService:
         mode simply contributes no segment).
         """
         response, _ = await self.predict_detailed(
-            audio, models, channels, include_words, source=source, decode_ms=decode_ms, key=key
+            audio, models, channels, include_words, segmentation, source=source, decode_ms=decode_ms, key=key
         )
         return response
 
@@ -295,6 +299,7 @@ class EmotionService:
         models: Sequence[str] | None = None,
         channels: ChannelMode = "mix",
         include_words: bool = False,
+        segmentation: Segmentation = "utterance",
         *,
         source: str = "rest",
         decode_ms: float = 0.0,
@@ -313,7 +318,9 @@ class EmotionService:
         key = key if key is not None else new_request_key()
 
         tv = _ms()
-        per_channel = await asyncio.gather(*(self.engine.run_cpu(key, self._regions, t) for t in tracks))
+        per_channel = await asyncio.gather(
+            *(self.engine.run_cpu(key, self._spans, t, segmentation) for t in tracks)
+        )
         vad_ms = _ms() - tv
         jobs = [(c, r) for c, regions in enumerate(per_channel) for r in regions]
         metrics.AUDIO_SECONDS.labels(source=source).inc(audio.duration_s)
@@ -321,11 +328,12 @@ class EmotionService:
             raise NoSpeechError("no speech was detected in the audio")
 
         requested = ids + ([ENSEMBLE] if include_ensemble else [])
-        # A long input may hold hundreds of utterances: keep only a few of them queued at a time,
-        # enough to keep every ASR worker busy, so one request cannot fill the bounded ASR queue.
-        in_flight = asyncio.Semaphore(2 * self.engine.plan.asr_workers)
+        # A long input may hold hundreds of utterances: keep one ASR batch of them queued at a time
+        # (fair against other requests), so one request cannot fill the bounded ASR queue.
+        lane = self.engine.asr_lane
+        in_flight = asyncio.Semaphore(lane.max_batch * lane.workers if lane is not None else 2)
 
-        async def one(c: int, r: SpeechRegion) -> UtteranceResult:
+        async def one(c: int, r: Span) -> UtteranceResult:
             async with in_flight:
                 return await self.analyze_utterance(
                     tracks[c][r.start : r.end],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,11 +44,17 @@ class Settings(BaseSettings):
     asr_beam_size: int = 1
     asr_language: str | None = "en"
     asr_cpu_threads: int = Field(0, description="CTranslate2 intra-op threads; 0 = number of cores")
-    # 2 single-threaded transcriptions beat 1 two-threaded one on 2 cores: +38% throughput, p95 at
-    # concurrency 16 down from 6.2 s to 4.7 s, for +0.09 s at concurrency 1 (bench/predict_bench.py).
-    asr_workers: int = Field(
-        2, description="transcriptions that may run at once (threads split between them)"
+    asr_encoder_window: Literal["fitted", "full"] = Field(
+        "fitted", description="fitted (utterance rounded up to 5 s, >= 10 s) | full (Whisper's 30 s)"
     )
+
+    # --- what an utterance is (app/analysis/segmenter.py): REST, streaming and training alike ---
+    utterance_threshold: float = Field(0.5, description="Silero speech probability that starts speech")
+    utterance_end_silence_ms: int = Field(500, description="silence that ends an utterance")
+    utterance_min_speech_ms: int = Field(200, description="shorter speech bursts are ignored")
+    utterance_pre_pad_ms: int = Field(200, description="audio kept before the detected speech start")
+    utterance_post_pad_ms: int = Field(150, description="audio kept after the detected speech end")
+    utterance_max_s: float = Field(15.0, description="longer speech is cut into utterances of this length")
 
     # --- text encoder -------------------------------------------------------------------
     text_model: str = Field("", description="ONNX text encoder directory; empty = bundled all-MiniLM-L6-v2")
@@ -71,17 +77,35 @@ class Settings(BaseSettings):
 
     # --- inference service (engine, CPU budget, utterance splitting) ------------------------
     inference_workers: int = Field(1, description="threads running model batches, shared by all models")
-    asr_max_queue: int = Field(256, description="jobs waiting for an ASR worker; beyond it -> 503")
     warmup: bool = Field(True, description="one dummy request through ASR and every model before ready")
     verify_models: bool = Field(
         True, description="check each model's sha256 and feature digest against its card"
     )
     retry_after_s: int = Field(1, description="Retry-After seconds sent with 503 (queue full, not ready)")
-    max_utterance_s: float = Field(30.0, description="speech regions longer than this are split")
-    vad_threshold: float = 0.5
-    vad_min_silence_ms: int = 500
-    vad_speech_pad_ms: int = 200
     log_level: str = "info"
+
+    # --- scheduler (app/inference/scheduler.py: the ASR and CPU lanes) ------------------------
+    # One ASR worker using every core for CTranslate2 is the CPU baseline: batching across requests
+    # and streams replaces parallel single-utterance workers.
+    asr_workers: int = Field(1, description="ASR lane worker threads (batches in flight at once)")
+    asr_max_batch: int = Field(0, description="utterances per ASR batch; 0 = auto (8 on CPU, 32 on CUDA)")
+    asr_max_wait_ms: float = Field(
+        10.0, description="longest wait for a fuller ASR batch after the oldest job"
+    )
+    asr_max_queue: int = Field(
+        256, description="final + REST jobs waiting in a lane; beyond it -> 503 (finals get the last slots)"
+    )
+    asr_final_reserve: int = Field(32, description="queue slots only stream finals may take")
+    asr_partial_low_water: int = Field(
+        4, description="partial/interim passes are admitted only while fewer jobs wait, and shed beyond it"
+    )
+    asr_partial_timeout_s: float = Field(
+        3.0, description="a partial/interim pass not done by then is dropped"
+    )
+    cpu_workers: int = Field(1, description="CPU lane threads: decoding and VAD of uploads")
+    stream_ingest_workers: int = Field(
+        2, description="threads decoding, resampling and VAD-ing stream frames off the event loop"
+    )
 
     # --- input limits ---------------------------------------------------------------------
     max_upload_bytes: int = 50 * 1024 * 1024
@@ -89,6 +113,10 @@ class Settings(BaseSettings):
     max_channels: int = 2
     min_sample_rate: int = 4000
     max_sample_rate: int = 192000
+    decode_workers: int = Field(2, ge=1, description="isolated decoder processes for uploads")
+    decode_memory_mb: int = Field(
+        3072, ge=0, description="address-space limit of each decoder process (MB; 0 = none, else >= 512)"
+    )
 
     # --- streaming and sessions -----------------------------------------------------------
     store: str = Field("sqlite", description="sqlite | redis")
@@ -96,7 +124,6 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream_max_frame_bytes: int = 64 * 1024
     stream_idle_timeout_s: float = 30.0
-    stream_max_utterance_s: float = 15.0
     stream_interim_every_s: float = 0.0
     stream_max_backlog_s: float = Field(
         30.0, description="audio awaiting analysis per stream; beyond it the server stops reading the socket"
@@ -106,11 +133,6 @@ class Settings(BaseSettings):
     stream_partial_every_s: float = Field(
         1.0, description="partial ASR pass every N s of new speech; 0 = off"
     )
-    stream_vad_threshold: float = 0.5
-    stream_end_silence_ms: int = Field(350, description="silence that ends an utterance")
-    stream_min_speech_ms: int = Field(200, description="shorter speech bursts are ignored")
-    stream_pre_pad_ms: int = Field(200, description="audio kept before the detected speech start")
-    stream_post_pad_ms: int = Field(150, description="audio kept after the detected speech end")
     stream_speculative_final: bool = Field(
         True, description="start an utterance's analysis once post_pad of silence is seen, when idle"
     )

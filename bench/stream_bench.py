@@ -265,7 +265,7 @@ def main() -> None:
         "dummy_models": args.dummy_models,
         "seconds_per_stream": args.seconds,
         "target_ms": args.target_ms,
-        "end_silence_ms": s.stream_end_silence_ms,
+        "end_silence_ms": s.utterance_end_silence_ms,
         "levels": levels,
         "max_streams_within_target": max(ok) if ok else 0,
     }

@@ -1,8 +1,9 @@
 """Helpers for the serving tests: dummy ONNX models with cards, settings, a shared Analyzer.
 
-The dummy models read the same named inputs as the real ones (``app.analysis.inputs``), reduce each
-to its mean, mix the means with fixed random weights and return ``probabilities`` (batch, 4) by
-softmax: cheap, deterministic, and sensitive to every input they declare.
+The dummy models read the same named inputs as the real ones (``app.analysis.inputs.INPUTS``, which
+gives each input's rank), reduce each to its mean, mix the means with fixed random weights and
+return ``probabilities`` (batch, 4) by softmax: cheap, deterministic, and sensitive to every input
+they declare.
 """
 
 from __future__ import annotations
@@ -16,25 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from app.analysis.inputs import INPUTS
+
 FIXTURES = Path(__file__).parent / "fixtures"
 ANGRY = FIXTURES / "angry_kids.flac"  # RAVDESS actor 01, angry, "Kids are talking by the door"
 HAPPY = FIXTURES / "happy_dogs.flac"  # RAVDESS actor 02, happy, "Dogs are sitting by the door"
 STEREO = FIXTURES / "stereo_call.wav"  # left: actor 03 (sad, kids), right: actor 04 (neutral, dogs)
 
 CLASSES = ("neutral", "happy", "sad", "angry")
-MODEL_INPUTS = {
-    "cmt-awc": {
-        "frames33": 3,
-        "frames33_cm": 2,
-        "frames33_mask": 2,
-        "words": 3,
-        "words_cm": 2,
-        "words_mask": 2,
-    },
-    "ca-mser": {"mfcc_seg": 4, "spec_seg": 4, "enc_seg": 4, "seg_mask": 2},
-    "adf": {"waveform": 2, "waveform_mask": 2, "words_static": 3, "words_mask": 2},
-    "3m-ser": {"enc_patches": 3, "logmel_patches": 4, "patch_mask": 2, "words": 3, "words_mask": 2},
+# input names each dummy model declares: the default variants' inputs (3m-ser reads both patch kinds so
+# that the VGGish path is served too); ranks come from the registry
+DUMMY_MODEL_NAMES = {
+    "cmt-awc": ("frames33", "frames33_cm", "frames33_mask", "words", "words_cm", "words_mask"),
+    "ca-mser": ("mfcc_seg", "spec_seg", "enc_seg", "seg_mask"),
+    "adf": ("waveform", "waveform_mask", "words_static", "words_mask"),
+    "3m-ser": ("enc_patches", "logmel_patches", "patch_mask", "words", "words_mask"),
 }
+MODEL_INPUTS = {mid: {n: INPUTS[n].rank for n in names} for mid, names in DUMMY_MODEL_NAMES.items()}
 ALL_MODELS = tuple(MODEL_INPUTS)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from fastapi.testclient import TestClient
 from app.errors import DeadlineExceededError, QueueFull
 from app.main import create_app
 from tests.serving_helpers import ANGRY, make_service, wait_ready, wav_bytes
+
+FUZZ_CORPUS = Path(__file__).parent / "fixtures" / "fuzz"
 
 LIMIT_BYTES = 200_000
 
@@ -82,6 +85,40 @@ def test_truncated_files(client):
     # cut in the middle: what decodes is kept, as players do
     data = ANGRY.read_bytes()
     assert upload(client, data[: len(data) * 3 // 4]).status_code == 200
+
+
+def test_crafted_file_that_crashed_the_server(client):
+    # an M4A whose AAC header says stereo and whose 4th frame has 38 channels: it used to SIGSEGV
+    crafted = (FUZZ_CORPUS / "m4a_pce38_packet4.m4a").read_bytes()
+    for _ in range(3):
+        body = expect(upload(client, crafted), 422, "undecodable_audio")
+        assert "38 channels" in body["detail"]
+    expect(upload(client, (FUZZ_CORPUS / "wav_bps0.wav").read_bytes()), 415, "unsupported_audio")
+    expect(upload(client, (FUZZ_CORPUS / "adts_stereo_then_mono.aac").read_bytes()), 422, "undecodable_audio")
+    assert upload(client, ANGRY.read_bytes()).status_code == 200
+
+
+def test_dead_decoder_process_is_422_and_replaced(client, monkeypatch):
+    from app.analysis import decoding
+    from tests.test_decoding import MisbehavingPool
+
+    pool = MisbehavingPool(workers=1, memory_mb=1024, timeout_s=5.0)
+    monkeypatch.setattr(decoding, "pool_for", lambda settings: pool)
+    try:
+        body = expect(upload(client, b"CRASH" + bytes(2000)), 422, "undecodable_audio")
+        assert "crashed" in body["detail"]
+        r = upload(client, ANGRY.read_bytes())  # the same pool, with a fresh worker
+        assert r.status_code == 200, r.text
+        assert pool.stats["crashes"] == 1 and pool.stats["started"] == 2
+    finally:
+        pool.close()
+
+
+def test_session_results_after_beyond_int64(client):
+    expect(client.get(f"/v1/sessions/abc/results?after={2**63}"), 422, "invalid_request")
+    expect(client.get("/v1/sessions/abc/results?after=-1"), 422, "invalid_request")
+    # in range: validation passes (this app has no session store)
+    expect(client.get(f"/v1/sessions/abc/results?after={2**63 - 1}"), 503, "store_unavailable")
 
 
 def test_too_many_channels(client):

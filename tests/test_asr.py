@@ -1,4 +1,4 @@
-"""app.analysis.asr: transcripts, word times and confidences, encoder frames, VAD, offline loading."""
+"""app.analysis.asr: transcripts, word times and confidences, encoder frames, batch parity, offline loading."""
 
 from __future__ import annotations
 
@@ -60,13 +60,33 @@ def test_silence_gives_empty_transcript(analyzer):
     assert tr.words == [] and tr.encoder_frames.shape == (50, 384)
 
 
-def test_vad_finds_speech_between_silences(clips):
-    silence = np.zeros(16000, np.float32)
-    audio = np.concatenate([silence, clips["kids"], silence, clips["dogs"], silence])
-    regions = asr.speech_regions(audio)
-    assert len(regions) == 2
-    assert regions[0].start > 16000 * 0.8 and regions[1].start > 16000 * 2 + len(clips["kids"]) * 0.9
-    assert asr.speech_regions(np.zeros(32000, np.float32)) == []
+def test_batched_transcription_matches_single(analyzer, clips):
+    """One batch of utterances from different clients gives each the result it gets alone: same
+    words, confidences within 1e-3, encoder frames within 1e-3 (int8 CPU: identical here)."""
+    audios = [clips["kids"], clips["dogs"], np.zeros(16000, np.float32), clips["dogs"][:24000]]
+    single = [analyzer.recognizer.transcribe(a) for a in audios]
+    batched = analyzer.recognizer.transcribe_batch(audios)
+    assert [t.text for t in batched] == [t.text for t in single]
+    for s, b in zip(single, batched, strict=True):
+        assert [w.word for w in b.words] == [w.word for w in s.words]
+        for ws, wb in zip(s.words, b.words, strict=True):
+            assert abs(ws.confidence - wb.confidence) <= 1e-3
+            assert abs(ws.start - wb.start) <= 0.02 and abs(ws.end - wb.end) <= 0.02
+        assert b.encoder_frames.shape == s.encoder_frames.shape
+        assert np.abs(b.encoder_frames - s.encoder_frames).max() <= 1e-3
+    assert batched[0].timing_ms["asr_batch"] == 4.0
+
+
+def test_encoder_window_fits_the_utterance(analyzer):
+    rec = analyzer.recognizer
+    if rec.encoder_window == "full":
+        assert rec.window_frames(16000) == 3000
+    else:
+        assert rec.window_frames(4 * 16000) == 1000  # 10 s at least
+        assert rec.window_frames(12 * 16000) == 1500  # rounded up to 5 s
+        assert rec.window_frames(30 * 16000) == 3000
+    with pytest.raises(asr.ASRError, match="at most 30 s"):
+        rec.transcribe(np.zeros(31 * 16000, np.float32))
 
 
 def test_model_name_never_reaches_a_hub(tmp_path):

@@ -148,3 +148,33 @@ def test_absurd_sample_rates(rate):
     raw = _encode(np.zeros(rate // 10, np.float32), rate, "WAV", "FLOAT")
     with pytest.raises(A.BadSampleRateError):
         A.decode(raw)
+
+
+# --- malformed containers, decoded in this process (the frame checks, without the isolation) ------
+
+
+def test_wav_without_a_decoder_is_415_not_a_crash():
+    from tests.fuzz_decode import edge_cases
+
+    with pytest.raises(A.UndecodableAudioError) as exc:  # 0 bits per sample: PyAV has no codec context
+        A.decode_local(edge_cases()["wav_bps0.wav"])
+    assert exc.value.status == 415
+
+
+def test_frames_that_change_channel_count_are_refused():
+    pytest.importorskip("av")
+    from tests.fuzz_decode import edge_cases
+
+    data = edge_cases()["adts_stereo_then_mono.aac"]  # used to be a ValueError (500) in np.concatenate
+    with pytest.raises(A.CorruptAudioError) as exc:
+        A.decode_local(data)
+    assert (exc.value.status, exc.value.code) == (422, "undecodable_audio")
+    assert "1 channels" in str(exc.value)
+
+
+def test_bytes_are_decoded_in_a_worker_process():
+    from app.analysis import decoding
+
+    before = decoding.default_pool().stats["jobs"]
+    A.decode(_encode(np.zeros(1600, np.float32), 16000, "WAV", "FLOAT"))
+    assert decoding.default_pool().stats["jobs"] == before + 1

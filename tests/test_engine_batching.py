@@ -1,4 +1,5 @@
-"""Dynamic batching, the fair ASR pool and ONNX model runners (no ASR, no HTTP).
+"""Dynamic batching of model requests and ONNX model runners (no ASR, no HTTP); the scheduler lanes
+that replaced the fair ASR pool are tested in ``tests/test_scheduler.py``.
 
 Timing assertions use wide margins (a loaded 2-core machine can stall for hundreds of ms); the
 ordering assertions use events, not sleeps.
@@ -17,7 +18,6 @@ import pytest
 from app.errors import DeadlineExceededError, QueueFull
 from app.inference.batching import DynamicBatcher
 from app.inference.engine import ModelCard, ModelLoadError, ModelRunner, choose_providers
-from app.inference.workpool import FairWorkPool
 from tests.serving_helpers import CLASSES, MODEL_INPUTS, write_dummy_models
 
 
@@ -186,67 +186,6 @@ def test_failing_batch_fails_its_requests_only():
         return out
 
     assert run(main()) == 2
-
-
-# --- FairWorkPool ---------------------------------------------------------------------------
-
-
-def test_pool_round_robin_across_keys():
-    pool = FairWorkPool(workers=1, max_queue=100, name="test-pool")
-    gate = threading.Event()
-    order = []
-    try:
-        blocker = pool.submit("x", gate.wait, 10)
-        time.sleep(0.05)
-        futures = [pool.submit("long", order.append, f"long{i}") for i in range(4)]
-        futures += [pool.submit("short", order.append, f"short{i}") for i in range(2)]
-        gate.set()
-        for f in [blocker, *futures]:
-            f.result(timeout=10)
-    finally:
-        pool.shutdown()
-    # the short request's jobs interleave with the long one's instead of waiting behind all four
-    assert order[:4] == ["long0", "short0", "long1", "short1"]
-    assert order[4:] == ["long2", "long3"]
-
-
-def test_pool_queue_full_and_deadline():
-    pool = FairWorkPool(workers=1, max_queue=2, name="test-pool", retry_after_s=2)
-    gate = threading.Event()
-    try:
-        running = pool.submit("a", gate.wait, 10)
-        deadline = time.monotonic() + 10
-        while len(pool) and time.monotonic() < deadline:  # wait until the worker took it
-            time.sleep(0.01)
-        expiring = pool.submit("b", lambda: "ran", timeout_s=0.01)
-        queued = pool.submit("c", lambda: "ok")
-        with pytest.raises(QueueFull):
-            pool.submit("d", lambda: None)
-        time.sleep(0.05)
-        gate.set()
-        running.result(timeout=10)
-        with pytest.raises(DeadlineExceededError):
-            expiring.result(timeout=10)
-        assert queued.result(timeout=10) == "ok"
-    finally:
-        pool.shutdown()
-
-
-def test_pool_async_run_propagates_exceptions():
-    pool = FairWorkPool(workers=1, max_queue=4, name="test-pool")
-
-    def fail():
-        raise ValueError("bad")
-
-    async def main():
-        with pytest.raises(ValueError):
-            await pool.run(None, fail)
-        return await pool.run(None, sum, [1, 2])
-
-    try:
-        assert run(main()) == 3
-    finally:
-        pool.shutdown()
 
 
 # --- ModelRunner and cards ------------------------------------------------------------------

@@ -91,9 +91,26 @@ def test_compute_acoustic_equals_the_separate_functions(voiced: np.ndarray) -> N
     np.testing.assert_allclose(feats.logmel_patches, F.vggish_patches(audio), rtol=1e-5, atol=1e-5)
 
 
+def test_stages_compute_each_feature_alone_and_equal_compute_acoustic(voiced: np.ndarray) -> None:
+    audio = voiced[: int(1.4 * SR)]
+    feats = F.compute_acoustic(audio)
+    for name in ("frames33", "mfcc40", "spectrogram", "logmel_patches"):
+        stages = F.AcousticStages(audio)
+        assert np.array_equal(getattr(stages, name), getattr(feats, name)), name
+        computed = {k for k in ("frames33", "mfcc40", "spectrogram", "logmel_patches") if k in vars(stages)}
+        assert computed == {name}  # nothing else was computed on the way
+
+
+@pytest.mark.parametrize("n_samples", [0, 1, 159, 160, 15040, 15200, 23040, 23200, 48000])
+def test_patch_count_is_known_from_the_length(n_samples: int) -> None:
+    audio = np.resize(_noise(1.0), n_samples)  # 96 frames make a patch, a tail of 50 frames another
+    assert F.n_patches(F.n_frames(n_samples)) == len(F.vggish_patches(audio))
+
+
 def test_app_import_pulls_no_librosa_numba_or_torch() -> None:
     code = (
-        "import sys, app.analysis.features; print(sorted({'librosa', 'numba', 'torch'} & set(sys.modules)))"
+        "import sys, app.analysis.features, app.analysis.inputs;"
+        " print(sorted({'librosa', 'numba', 'torch'} & set(sys.modules)))"
     )
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)

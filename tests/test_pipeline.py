@@ -25,12 +25,11 @@ def analysis(analyzer, clip):
 
 def test_analysis_is_consistent(analysis, clip):
     T = F.n_frames(len(clip))
-    assert analysis.acoustic.frames33.shape == (T, 33)
-    assert analysis.acoustic.mfcc40.shape == (T, 40)
-    assert analysis.acoustic.spectrogram.shape == (T, 200)
+    x = model_inputs(analysis, ["frames33", "mfcc_seg", "spec_seg"])
+    assert x["frames33"].shape == (T, 33)
     assert analysis.transcript.encoder_frames.shape[0] == math.ceil(len(clip) / 320)
     assert len(analysis.text) == len(analysis.transcript.words) == 6
-    assert set(analysis.timing_ms) == {"asr", "text", "features"}
+    assert set(analysis.timing_ms) == {"asr", "text"}  # acoustic inputs: computed per model input
 
 
 def test_model_inputs_shapes_and_masks(analysis, clip):
@@ -42,9 +41,8 @@ def test_model_inputs_shapes_and_masks(analysis, clip):
     assert x["enc_patches"].shape[0] == x["logmel_patches"].shape[0] == x["patch_mask"].shape[0]
     assert x["words"].shape == (6, 384) and x["words_cm"].shape == (6,)
     # the segments are the frames, cut in order
-    assert np.array_equal(
-        x["mfcc_seg"].reshape(-1, 40)[: len(analysis.acoustic.mfcc40)], analysis.acoustic.mfcc40
-    )
+    mfcc40 = F.compute_acoustic(clip).mfcc40
+    assert np.array_equal(x["mfcc_seg"].reshape(-1, 40)[: len(mfcc40)], mfcc40)
     # frame confidence: a frame inside the first word carries that word's confidence
     first = analysis.transcript.words[0]
     frame = int((first.start + first.end) / 2 / 0.01)
@@ -73,17 +71,39 @@ def test_collate_pads_with_zeros_and_masks(analysis, analyzer):
     assert batch["frames33_mask"][1].sum() == n
 
 
-def test_feature_config_digest_is_stable_and_sensitive():
-    assert FeatureConfig().digest() == FeatureConfig().digest()
-    assert FeatureConfig().digest() != FeatureConfig(chunk_shift_s=0.02).digest()
+def test_feature_digest_is_derived_from_the_parts():
+    """Every part and knob that changes a feature value changes the digest: the ASR model and how
+    it decodes (compute type, beam, language, encoder window), the text encoder, the optional
+    pretrained parts and the utterance policy; thread counts do not."""
+    from dataclasses import replace
 
+    from app.analysis.analyzer import AnalyzerSpec
+    from app.analysis.segmenter import UtterancePolicy
+    from app.settings import Settings
 
-def test_default_feature_digest_is_pinned():
-    """Shipped model cards and the RAVDESS feature cache are keyed by this digest: options added
-    later (pretrained parts) must leave it unchanged while they hold their defaults."""
-    assert FeatureConfig().digest() == "313dcb849f9227be"
-    assert FeatureConfig.for_parts() == FeatureConfig()
-    assert FeatureConfig.for_parts(speech_encoder=None, glove="") == FeatureConfig()
-    assert not {"speech_encoder", "word_vectors"} & set(FeatureConfig().to_dict())
-    assert FeatureConfig(word_vectors="glove.txt:0123456789ab").digest() != FeatureConfig().digest()
+    base = AnalyzerSpec(device="cpu")
+    digest = base.feature_config().digest()
+    assert digest == FeatureConfig().digest() == FeatureConfig.from_settings(Settings()).digest()
+    changed = [
+        replace(base, compute_type="float16"),
+        replace(base, beam_size=5),
+        replace(base, language="de"),
+        replace(base, encoder_window="full" if base.encoder_window == "fitted" else "fitted"),
+        replace(base, utterance=UtterancePolicy(end_silence_ms=300)),
+        replace(base, utterance=UtterancePolicy(max_s=10.0)),
+        replace(base, max_words=50),
+    ]
+    digests = {s.feature_config().digest() for s in changed}
+    assert digest not in digests and len(digests) == len(changed)
+    assert replace(base, cpu_threads=7, device="cuda").feature_config().digest() == digest
+    # "default" compute type is int8 on every device, so a GPU server keeps the shipped models' digest
+    assert FeatureConfig.from_settings(Settings(device="cuda")).asr_compute_type == "int8"
+    assert FeatureConfig(word_vectors="glove.txt:0123456789ab").digest() != digest
     assert FeatureConfig(speech_encoder="w2v:0123456789ab").to_dict()["speech_encoder"] == "w2v:0123456789ab"
+
+
+def test_analyzer_refuses_a_config_naming_other_parts(analyzer):
+    from app.analysis.analyzer import Analyzer
+
+    with pytest.raises(ValueError, match="asr_beam_size"):
+        Analyzer(analyzer.recognizer, analyzer.text_encoder, config=FeatureConfig(asr_beam_size=5))

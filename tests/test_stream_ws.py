@@ -26,8 +26,9 @@ TWO_UTT = FIXTURES / "two_utterances.flac"
 class LiveServer:
     """uvicorn in a thread; ``restart()`` brings up a new app (new service, same SQLite file)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, **overrides):
         self.tmp = tmp
+        self.overrides = {"stream_idle_timeout_s": 30.0, **overrides}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}/v1/stream"
@@ -39,7 +40,7 @@ class LiveServer:
 
         from app.main import create_app
 
-        service = make_service(self.tmp, stream_idle_timeout_s=30.0)
+        service = make_service(self.tmp, **self.overrides)
         self.settings = service.settings
         app = create_app(service.settings, service)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")

@@ -309,46 +309,31 @@ class Context:
     """Loaded corpus + cache shared by the commands."""
 
     def __init__(self, args):
-        from app.analysis.analyzer import FeatureConfig
-        from training.cache import FeatureCache
+        from app.analysis.analyzer import AnalyzerSpec
+        from training.cache import FeatureCache, utterance_clips
 
         self.args = args
-        self.clips = load_dataset(args.dataset, args.data, args.labels)
+        self.recordings = load_dataset(args.dataset, args.data, args.labels)
         self.classes = LABEL_SETS[args.labels]
-        # hashes the pretrained parts' files (the digest keys the cache); loads nothing yet
-        self.config = FeatureConfig.for_parts(
-            args.speech_encoder, args.glove, text_model=args.text_model, asr_model=args.asr_model
+        # the server's analyzer with the parts asked for, on CPU; hashing the parts' files (the
+        # digest keys the cache) loads nothing
+        self.spec = AnalyzerSpec(
+            asr_model=args.asr_model or "",
+            device="cpu",
+            text_model=args.text_model or "",
+            speech_encoder=args.speech_encoder or "",
+            glove_path=args.glove or "",
+            encoder_window=getattr(args, "encoder_window", None) or AnalyzerSpec.encoder_window,
         )
+        self.config = self.spec.feature_config()
         self.cache = FeatureCache(args.cache_dir, self.config)
+        # one clip per utterance, cut as the server cuts them
+        self.clips, self.split_stats = utterance_clips(self.recordings, self.config, args.cache_dir)
+        log.info("utterances: %s", self.split_stats.to_dict())
 
     def analyzer(self):
-        """The Analyzer for cache misses (built on the first miss), with the pretrained parts asked for."""
-        from app.analysis.analyzer import Analyzer
-
-        speech_encoder = word_vectors = recognizer = text_encoder = None
-        if self.args.asr_model:
-            from app.analysis.asr import Recognizer
-
-            recognizer = Recognizer(self.args.asr_model)
-        if self.args.text_model:
-            from app.analysis.text import TextEncoder
-
-            text_encoder = TextEncoder(self.args.text_model)
-        if self.args.speech_encoder:
-            from app.analysis.speech_encoder import SpeechEncoder
-
-            speech_encoder = SpeechEncoder(self.args.speech_encoder)
-        if self.args.glove:
-            from app.analysis.word_vectors import WordVectors
-
-            word_vectors = WordVectors.load(self.args.glove)
-        return Analyzer(
-            recognizer,
-            text_encoder,
-            config=self.config,
-            speech_encoder=speech_encoder,
-            word_vectors=word_vectors,
-        )
+        """The Analyzer for cache misses (built on the first miss)."""
+        return self.spec.build()
 
     def samples(self, names):
         from training.cache import CacheStats, prepare
@@ -375,7 +360,11 @@ class Context:
     def dataset(self, samples):
         from training.trainer import dataset_block
 
-        return dataset_block(self.args.dataset, self.args.data, self.args.labels, samples, self.classes)
+        block = dataset_block(self.args.dataset, self.args.data, self.args.labels, samples, self.classes)
+        block["segmentation"] = (
+            self.split_stats.to_dict()
+        )  # recordings -> utterances (app.analysis.segmenter)
+        return block
 
 
 def _settings(args, model_id: str):

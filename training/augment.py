@@ -11,9 +11,10 @@ in the input space the models read (``app.analysis.inputs``), after caching:
 * **Waveform noise:** white noise at a random SNR in ``snr_db`` (the adf input; its graph
   normalises by the valid-sample RMS, so a gain change would be a no-op).
 
-Exact zero rows are padding for the segment inputs (``ca_mser._nonzero_frames``), so rows that are
-all zero are never touched. Text inputs are left alone: RAVDESS has two sentences. Nothing here runs
-at inference time.
+Which input gets which rule is the registry's ``augment`` field (``app.analysis.inputs.INPUTS``).
+Exact zero rows are padding for the segment inputs (``ca_mser._nonzero_frames``): their segment mask
+marks whole segments, not the zero-padded end of the last one, so rows that are all zero are never
+touched. Text inputs are left alone: RAVDESS has two sentences. Nothing here runs at inference time.
 """
 
 from __future__ import annotations
@@ -22,17 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# the acoustic frame-sequence inputs; with the word vectors they are the inputs the trainer
-# standardises (``trainer.CONTINUOUS_INPUTS``)
-FRAME_INPUTS = (
-    "frames33",
-    "mfcc_seg",
-    "spec_seg",
-    "enc_seg",
-    "enc_patches",
-    "logmel_patches",
-    "encoder",
-)
+from app.analysis.inputs import INPUTS
+
+# the acoustic frame-sequence inputs (noise and time masks); all are standardised by the trainer too
+FRAME_INPUTS = tuple(n for n, spec in INPUTS.items() if spec.augment == "frames")
+WAVEFORM_INPUTS = tuple(n for n, spec in INPUTS.items() if spec.augment == "waveform")
 
 
 @dataclass(frozen=True)
@@ -103,6 +98,6 @@ def augment_batch(
         if name in FRAME_INPUTS and name in stats:
             mean, std = stats[name]
             out[name] = augment_frames(x, mean, std, cfg, rng)
-        elif name == "waveform" and "waveform_mask" in arrays:
-            out[name] = augment_waveform(x, arrays["waveform_mask"], cfg, rng)
+        elif name in WAVEFORM_INPUTS and INPUTS[name].mask in arrays:
+            out[name] = augment_waveform(x, arrays[INPUTS[name].mask], cfg, rng)
     return out

@@ -41,7 +41,8 @@ class Sample:
 
     @property
     def path(self) -> str:
-        return self.clip.path
+        """Unique per sample (``Clip.id``): a recording with two utterances gives two samples."""
+        return self.clip.id
 
     @property
     def speaker(self) -> str:
@@ -100,6 +101,65 @@ class FeatureCache:
         npz_path, meta_path = self.paths(key)
         _atomic_write(npz_path, lambda fh: np.savez(fh, **inputs), binary=True)
         _atomic_write(meta_path, lambda fh: json.dump(meta, fh, indent=1), binary=False)
+
+
+def clip_audio(clip: Clip) -> np.ndarray:
+    """The 16-kHz mono audio of a clip: its utterance span when it has one."""
+    audio = decode(clip.path).mono
+    return audio if clip.span is None else audio[clip.span[0] : clip.span[1]]
+
+
+@dataclass
+class SplitStats:
+    recordings: int = 0
+    utterances: int = 0
+    no_speech: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "recordings": self.recordings,
+            "utterances": self.utterances,
+            "recordings_without_speech": len(self.no_speech),
+            "recordings_with_several_utterances": len(self.split),
+        }
+
+
+def utterance_clips(
+    clips: Sequence[Clip], config: FeatureConfig, root: str | Path = DEFAULT_ROOT
+) -> tuple[list[Clip], SplitStats]:
+    """Every utterance of every recording as its own clip, cut by ``app.analysis.segmenter`` with
+    the config's policy: exactly the cut ``/v1/predict`` and streaming make, so the models train on
+    what they serve. A recording without speech (by that policy) gives no clip; one with several
+    utterances gives several, all with its label and speaker. Spans are remembered in
+    ``<root>/<digest>/spans.json`` (keyed by path, size and mtime)."""
+    from dataclasses import replace
+
+    from app.analysis.segmenter import split_utterances
+
+    index_path = Path(root) / config.digest() / "spans.json"
+    index: dict[str, list[list[int]]] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    stats, out, dirty = SplitStats(), [], False
+    for clip in clips:
+        st = os.stat(clip.path)
+        key = f"{clip.path}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in index:
+            index[key] = [
+                [s.start, s.end] for s in split_utterances(decode(clip.path).mono, config.utterance)
+            ]
+            dirty = True
+        spans = index[key]
+        stats.recordings += 1
+        stats.utterances += len(spans)
+        if not spans:
+            stats.no_speech.append(clip.path)
+        elif len(spans) > 1:
+            stats.split.append(clip.path)
+        out += [replace(clip, span=(a, b), utterance=k) for k, (a, b) in enumerate(spans)]
+    if dirty:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(index_path, lambda fh: json.dump(index, fh), binary=False)
+    return out, stats
 
 
 def _atomic_write(path: Path, writer: Callable, binary: bool) -> None:
@@ -164,7 +224,7 @@ def prepare(
     t0 = time.perf_counter()
     bar = tqdm(clips, desc=f"features [{cache.digest}]", unit="clip", disable=not progress, leave=False)
     for clip in bar:
-        audio = decode(clip.path).mono
+        audio = clip_audio(clip)
         key = audio_key(audio)
         if cache.has(key):
             stats.hits += 1
@@ -175,7 +235,7 @@ def prepare(
                 stats.analyze_ms[k] = stats.analyze_ms.get(k, 0.0) + float(v)
             meta = {
                 "key": key,
-                "path": clip.path,
+                "path": clip.id,
                 "duration_s": len(audio) / cache.config.sample_rate,
                 "feature_config_digest": cache.digest,
                 "transcript": transcript_json(analysis.transcript),

@@ -70,6 +70,15 @@ class Clip:
     text: str = ""
     group: str = ""
     extra: dict = field(default_factory=dict)
+    # samples [start, end) of the recording at 16 kHz: one utterance of it (``training.cache.
+    # utterance_clips``), as the server would cut it; None = the whole recording
+    span: tuple[int, int] | None = None
+    utterance: int = 0  # index of the span within its recording
+
+    @property
+    def id(self) -> str:
+        """Unique per utterance: the path, with ``#k`` for the second and later utterances."""
+        return self.path if self.utterance == 0 else f"{self.path}#{self.utterance}"
 
 
 def apply_label_set(clips: list[Clip], label_set: str) -> list[Clip]:

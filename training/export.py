@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from app.analysis.analyzer import FeatureConfig
-from app.analysis.inputs import collate
+from app.analysis.inputs import INPUTS, collate
 from training.cache import Sample
 from training.data import DATASET_LICENCES
 from training.models import config_dict
@@ -28,29 +28,6 @@ from training.trainer import variant_of
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
-
-# symbolic name of the first per-utterance axis; inputs sharing a name always have equal lengths
-SEQUENCE_AXES = {
-    "frames33": "frames",
-    "frames33_cm": "frames",
-    "frames33_mask": "frames",
-    "words": "words",
-    "words_static": "words",
-    "words_cm": "words",
-    "words_mask": "words",
-    "mfcc_seg": "segments",
-    "spec_seg": "segments",
-    "enc_seg": "segments",
-    "seg_mask": "segments",
-    "waveform": "samples",
-    "waveform_mask": "samples",
-    "enc_patches": "patches",
-    "patch_mask": "patches",
-    "logmel_patches": "logmel_patches",
-    "encoder": "encoder_frames",
-    "encoder_cm": "encoder_frames",
-    "encoder_mask": "encoder_frames",
-}
 
 
 class WithSoftmax(nn.Module):
@@ -63,8 +40,15 @@ class WithSoftmax(nn.Module):
         return torch.softmax(self.model(*inputs), dim=-1)
 
 
+def sequence_axis(name: str) -> str:
+    """The symbolic name of an input's first per-utterance axis (``app.analysis.inputs.INPUTS``);
+    inputs sharing it always have equal lengths."""
+    return INPUTS[name].sequence
+
+
 def dynamic_axes(names: Sequence[str]) -> dict[str, dict[int, str]]:
-    axes = {n: {0: "batch", 1: SEQUENCE_AXES.get(n, f"{n}_len")} for n in names}
+    """Batch and sequence axes of every input are dynamic; feature axes are fixed by the weights."""
+    axes = {n: {0: "batch", 1: sequence_axis(n)} for n in names}
     axes["probabilities"] = {0: "batch"}
     return axes
 
@@ -74,9 +58,7 @@ def input_specs(names: Sequence[str], sample: Sample) -> list[dict]:
     specs = []
     for n in names:
         fixed = list(sample.inputs[n].shape[1:])
-        specs.append(
-            {"name": n, "shape": ["batch", SEQUENCE_AXES.get(n, f"{n}_len"), *fixed], "dtype": "float32"}
-        )
+        specs.append({"name": n, "shape": ["batch", sequence_axis(n), *fixed], "dtype": str(INPUTS[n].dtype)})
     return specs
 
 

@@ -15,7 +15,6 @@ import datetime as dt
 import importlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -28,10 +27,9 @@ import torch
 from torch import nn
 
 from app.analysis.analyzer import FeatureConfig
-from app.analysis.features import n_frames
-from app.analysis.inputs import SEGMENT_ENC_FRAMES, SEGMENT_FRAMES, collate
+from app.analysis.inputs import INPUTS, collate
 from training import metrics as M
-from training.augment import FRAME_INPUTS, AugmentConfig, augment_batch
+from training.augment import AugmentConfig, augment_batch
 from training.cache import Sample
 from training.models import REGISTRY, build_model, config_dict
 from training.models.layers import SeedEnsemble
@@ -39,15 +37,8 @@ from training.protocols import Fold
 
 log = logging.getLogger(__name__)
 
-# inputs standardised with training-split statistics (last axis); masks, CMs and waveform are not
-CONTINUOUS_INPUTS = (*FRAME_INPUTS, "words", "words_static")
-_ROW_MASKS = {
-    "frames33": "frames33_mask",
-    "words": "words_mask",
-    "words_static": "words_mask",
-    "enc_patches": "patch_mask",
-    "encoder": "encoder_mask",
-}
+# inputs standardised with training-split statistics (last axis): the registry's continuous inputs
+CONTINUOUS_INPUTS = tuple(n for n, spec in INPUTS.items() if spec.continuous)
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -150,19 +141,17 @@ def model_input_names(model_id: str, n_classes: int, overrides: dict) -> tuple[s
 
 
 def _valid_rows(name: str, sample: Sample) -> np.ndarray:
-    """(rows, D) of real (non-padding) values of one continuous input of one clip."""
+    """(rows, D) of real (non-padding) values of one continuous input of one clip.
+
+    The registry says where padding is: inputs cut into 3-s segments (``real_rows``) end in a
+    zero-padded segment that their segment mask cannot tell apart, so their real rows are counted
+    from the duration; other inputs keep the rows their mask marks."""
+    spec = INPUTS[name]
     x = sample.inputs[name]
     rows = x.reshape(-1, x.shape[-1])
-    if name in ("mfcc_seg", "spec_seg", "enc_seg"):  # the last 3-s segment is zero-padded
-        n_samples = int(round(sample.duration_s * FeatureConfig().sample_rate))
-        if name == "enc_seg":
-            n_valid = max(1, math.ceil(sample.duration_s * SEGMENT_ENC_FRAMES / 3.0))
-        else:
-            n_valid = n_frames(n_samples)
-        per_seg = SEGMENT_ENC_FRAMES if name == "enc_seg" else SEGMENT_FRAMES
-        return rows[: min(len(rows), n_valid, x.shape[0] * per_seg)]
-    mask_name = _ROW_MASKS.get(name)
-    mask = sample.inputs.get(mask_name) if mask_name else None
+    if spec.real_rows is not None:
+        return rows[: min(len(rows), spec.real_rows(sample.duration_s))]
+    mask = sample.inputs.get(spec.mask) if spec.mask else None
     if mask is not None and x.ndim == 2 and len(mask) == len(x):
         return x[mask > 0]
     return rows

@@ -1,7 +1,16 @@
 """The single path from audio to everything the four models consume.
 
-``analyze(audio)`` is called by the server for every utterance and by ``training`` to fill its
-feature cache, so a model is always trained on exactly the features it is served with.
+``AnalyzerSpec`` names the parts (ASR model and how it decodes, text encoder, optional pretrained
+parts, the utterance policy); the server builds it from settings and the training CLI from its
+flags, and both build the ``Analyzer`` from it. ``FeatureConfig`` is *derived* from the same spec:
+every part's identity and every constant that changes a feature value, so its digest (which keys
+the training cache and every model card) changes whenever a feature could.
+
+``Analyzer`` exposes the work as batch stages, so a scheduler can batch utterances of different
+requests and streams: ``transcribe_batch`` (ASR, ``app.analysis.asr``), ``finish_batch`` (text
+encoder on the batch, optional speech encoder and word vectors), and ``analyze_batch`` (both).
+Acoustic inputs are not computed here: ``app.analysis.inputs`` computes only those the loaded
+models declare.
 
 Thread-safety: ``Analyzer`` holds the ASR model, the text encoder and the optional speech encoder and
 word vectors, all safe to call from several threads (CTranslate2 and ONNX Runtime sessions are
@@ -10,44 +19,50 @@ thread-safe; the word vectors are read-only); the feature functions are pure.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from app.analysis import features as F
-from app.analysis.asr import Transcript
+from app.analysis.asr import DEFAULT_ENCODER_WINDOW, Transcript
+from app.analysis.segmenter import UtterancePolicy
 from app.analysis.text import TextFeatures
 
 SAMPLE_RATE = 16000
+FEATURE_VERSION = 2  # 2: utterance policy cut, staged batch ASR without timestamp tokens
 
 
-# Fields added after models had been shipped. They are left out of ``to_dict`` (and so of the
-# digest) while they hold their default, so that the default configuration keeps its digest
-# (313dcb849f9227be) and the caches and model cards keyed by it stay valid.
-_OPTIONAL_DEFAULTS = {"speech_encoder": "", "word_vectors": ""}
+def resolve_compute_type(compute_type: str) -> str:
+    """``default`` is int8 on every device: shipped models are trained on int8 features, and a
+    float16 GPU pass would give other encoder frames than the CPU pass they were trained on."""
+    return "int8" if compute_type in ("", "default") else compute_type
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Every knob that changes a feature value. Its hash keys the training cache and model cards."""
+    """Every knob that changes a feature value; derived from the parts (``AnalyzerSpec``)."""
 
     sample_rate: int = SAMPLE_RATE
-    hop_s: float = 0.010
-    segment_s: float = 3.0
-    chunk_s: float = 0.250
-    chunk_shift_s: float = 0.010
     max_words: int = 100
     asr_model: str = "tiny.en"
+    asr_compute_type: str = "int8"
+    asr_beam_size: int = 1
+    asr_language: str | None = "en"
+    asr_encoder_window: str = DEFAULT_ENCODER_WINDOW
     text_model: str = "all-MiniLM-L6-v2"
-    version: int = 1
     # ca-mser's enc_seg: "" = Whisper encoder frames, else a wav2vec2 export ("<dir>:<hash>")
     speech_encoder: str = ""
     # adf's words_static: "" = the text encoder's input embeddings, else a GloVe file ("<file>:<hash>")
     word_vectors: str = ""
+    utterance: UtterancePolicy = UtterancePolicy()
+    version: int = FEATURE_VERSION
 
     @classmethod
     def for_parts(
@@ -56,51 +71,129 @@ class FeatureConfig:
         glove: str | Path | None = None,
         text_model: str | Path | None = None,
         asr_model: str | Path | None = None,
-        **fields,
+        **fields: Any,
     ) -> FeatureConfig:
-        """The config of an analyzer using these local parts: a wav2vec2 ONNX directory
-        (``app.analysis.speech_encoder``), a GloVe file (``app.analysis.word_vectors``), a text encoder directory
-        (``app.analysis.text``, e.g. an exported BERT) and a faster-whisper directory (``app.analysis.asr``).
-        Hashes the files; loads nothing."""
+        """The config of an analyzer with these local parts (hashes the files; loads nothing)."""
+        return AnalyzerSpec(
+            asr_model=str(asr_model or ""),
+            text_model=str(text_model or ""),
+            speech_encoder=str(speech_encoder or ""),
+            glove_path=str(glove or ""),
+        ).feature_config(**fields)
+
+    @classmethod
+    def from_settings(cls, settings=None) -> FeatureConfig:
+        """What the server's analyzer computes with these settings."""
+        return AnalyzerSpec.from_settings(settings).feature_config()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AnalyzerSpec:
+    """The parts of an analyzer; one spec builds it for the server and for training."""
+
+    asr_model: str = ""  # faster-whisper directory; "" = bundled tiny.en
+    device: str = "auto"
+    compute_type: str = "default"
+    beam_size: int = 1
+    language: str | None = "en"
+    encoder_window: str = DEFAULT_ENCODER_WINDOW
+    text_model: str = ""  # ONNX text encoder directory; "" = bundled all-MiniLM-L6-v2
+    speech_encoder: str = ""  # wav2vec2 ONNX directory for ca-mser; "" = Whisper frames
+    glove_path: str = ""  # GloVe text file for adf; "" = the text encoder's input embeddings
+    utterance: UtterancePolicy = UtterancePolicy()
+    max_words: int = 100
+    # how fast, not what: not part of the feature identity
+    cpu_threads: int = 0
+    num_workers: int = 1
+
+    @classmethod
+    def from_settings(cls, settings=None, **overrides: Any) -> AnalyzerSpec:
+        from app.settings import get_settings
+
+        s = settings or get_settings()
+        spec = cls(
+            asr_model=s.asr_model,
+            device=s.device,
+            compute_type=s.asr_compute_type,
+            beam_size=s.asr_beam_size,
+            language=s.asr_language,
+            encoder_window=s.asr_encoder_window,
+            text_model=s.text_model,
+            speech_encoder=s.speech_encoder,
+            glove_path=s.glove_path,
+            utterance=UtterancePolicy.from_settings(s),
+            cpu_threads=s.asr_cpu_threads,
+        )
+        return dataclasses.replace(spec, **overrides)
+
+    def feature_config(self, **fields: Any) -> FeatureConfig:
+        """The features this spec computes; hashes the local parts' files, loads no model."""
         from app.analysis.asr import Recognizer
         from app.analysis.speech_encoder import SpeechEncoder
         from app.analysis.text import TextEncoder
         from app.analysis.word_vectors import WordVectors
 
-        if text_model:
-            fields["text_model"] = TextEncoder.identity_of(text_model)
-        if asr_model:
-            fields["asr_model"] = Recognizer.identity_of(asr_model)
-        if speech_encoder:
-            fields["speech_encoder"] = SpeechEncoder.identity_of(speech_encoder)
-        if glove:
-            fields["word_vectors"] = WordVectors.identity_of(glove)
-        return cls(**fields)
-
-    @classmethod
-    def from_settings(cls, settings=None) -> FeatureConfig:
-        """What ``Analyzer.from_settings(settings)`` computes (``EMOTION_SPEECH_ENCODER``,
-        ``EMOTION_GLOVE_PATH``, ``EMOTION_TEXT_MODEL``, ``EMOTION_ASR_MODEL``)."""
-        from app.settings import get_settings
-
-        s = settings or get_settings()
-        return cls.for_parts(
-            s.speech_encoder or None,
-            s.glove_path or None,
-            text_model=s.text_model or None,
-            asr_model=s.asr_model or None,
+        derived: dict[str, Any] = dict(
+            max_words=self.max_words,
+            asr_model=Recognizer.identity_of(self.asr_model or None),
+            asr_compute_type=resolve_compute_type(self.compute_type),
+            asr_beam_size=self.beam_size,
+            asr_language=self.language,
+            asr_encoder_window=self.encoder_window,
+            text_model=TextEncoder.identity_of(self.text_model or None),
+            speech_encoder=SpeechEncoder.identity_of(self.speech_encoder) if self.speech_encoder else "",
+            word_vectors=WordVectors.identity_of(self.glove_path) if self.glove_path else "",
+            utterance=self.utterance,
         )
+        derived.update(fields)
+        return FeatureConfig(**derived)
 
-    def to_dict(self) -> dict:
-        return {
-            k: v
-            for k, v in self.__dict__.items()
-            if not (k in _OPTIONAL_DEFAULTS and v == _OPTIONAL_DEFAULTS[k])
-        }
+    def build(self, asr_threads: int | None = None, asr_workers: int | None = None) -> Analyzer:
+        """Load every part. The text and speech encoders run right after ASR in the same worker,
+        so they get ASR's thread share (``asr_threads``)."""
+        from app.analysis.asr import Recognizer
+        from app.analysis.text import TextEncoder
 
-    def digest(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        threads = self.cpu_threads if asr_threads is None else asr_threads
+        recognizer = Recognizer(
+            model_path=self.asr_model or None,
+            device=self.device,
+            compute_type=resolve_compute_type(self.compute_type),
+            beam_size=self.beam_size,
+            language=self.language,
+            cpu_threads=threads,
+            num_workers=self.num_workers if asr_workers is None else asr_workers,
+            encoder_window=self.encoder_window,
+        )
+        text_encoder = TextEncoder(
+            self.text_model or None, providers=["CPUExecutionProvider"], threads=threads
+        )
+        speech_encoder = word_vectors = None
+        if self.speech_encoder:
+            from app.analysis.speech_encoder import SpeechEncoder
+
+            speech_encoder = SpeechEncoder(
+                self.speech_encoder, providers=["CPUExecutionProvider"], threads=threads
+            )
+        if self.glove_path:
+            from app.analysis.word_vectors import WordVectors
+
+            word_vectors = WordVectors.load(self.glove_path)
+        return Analyzer(
+            recognizer,
+            text_encoder,
+            speech_encoder=speech_encoder,
+            word_vectors=word_vectors,
+            policy=self.utterance,
+            max_words=self.max_words,
+        )
 
 
 @dataclass
@@ -110,7 +203,7 @@ class Analysis:
     audio: np.ndarray  # (N,) float32, 16 kHz
     transcript: Transcript
     text: TextFeatures
-    acoustic: F.AcousticFeatures
+    acoustic: F.AcousticFeatures | None = None  # None: computed on demand by app.analysis.inputs
     timing_ms: dict[str, float] = field(default_factory=dict)
     speech_frames: np.ndarray | None = None  # (S, 150, H) wav2vec2 frames per 3-s segment, if configured
     word_vectors: np.ndarray | None = None  # (W, D) GloVe vector per word of ``text``, if configured
@@ -125,11 +218,11 @@ def _now_ms() -> float:
 
 
 class Analyzer:
-    """Runs ASR, text encoding and acoustic features for one utterance at a time.
+    """ASR, text encoding and the optional pretrained parts, as batch stages.
 
-    Optional paper-faithful parts (SPEC §2): ``speech_encoder`` (``app.analysis.speech_encoder.SpeechEncoder``,
-    wav2vec2 frames for ca-mser) and ``word_vectors`` (``app.analysis.word_vectors.WordVectors``, GloVe for
-    adf). The config names them; a ``config`` that names other parts than those given is refused.
+    Optional paper-faithful parts (SPEC §2): ``speech_encoder`` (wav2vec2 frames for ca-mser) and
+    ``word_vectors`` (GloVe for adf). ``config`` is derived from the parts given; a ``config`` passed
+    in that names other parts is refused.
     """
 
     def __init__(
@@ -139,92 +232,92 @@ class Analyzer:
         config: FeatureConfig | None = None,
         speech_encoder=None,
         word_vectors=None,
+        policy: UtterancePolicy | None = None,
+        max_words: int = 100,
     ):
         from app.analysis.asr import Recognizer
         from app.analysis.text import TextEncoder
 
-        self.recognizer = recognizer or Recognizer()
+        default = config or FeatureConfig()
+        self.recognizer = recognizer or Recognizer(
+            device="cpu",
+            compute_type=default.asr_compute_type,
+            beam_size=default.asr_beam_size,
+            language=default.asr_language,
+            encoder_window=default.asr_encoder_window,
+        )
         self.text_encoder = text_encoder or TextEncoder()
         self.speech_encoder = speech_encoder
         self.word_vectors = word_vectors
-        parts = {
-            "speech_encoder": speech_encoder.identity if speech_encoder is not None else "",
-            "word_vectors": word_vectors.identity if word_vectors is not None else "",
-            # test doubles without an identity stand for the bundled parts
-            "asr_model": getattr(self.recognizer, "identity", FeatureConfig.asr_model),
-            "text_model": getattr(self.text_encoder, "identity", FeatureConfig.text_model),
-        }
-        if config is None:
-            config = FeatureConfig(**parts)
-        wrong = {k: getattr(config, k) for k, v in parts.items() if getattr(config, k) != v}
-        if wrong:
-            raise ValueError(f"the feature config names {wrong}, but the analyzer was given {parts}")
-        self.config = config
+        rec = self.recognizer
+        # test doubles without these attributes stand for the bundled parts with default decoding
+        derived = FeatureConfig(
+            max_words=config.max_words if config is not None else max_words,
+            asr_model=getattr(rec, "identity", default.asr_model),
+            asr_compute_type=getattr(rec, "compute_type", default.asr_compute_type),
+            asr_beam_size=getattr(rec, "beam_size", default.asr_beam_size),
+            asr_language=getattr(rec, "language", default.asr_language),
+            asr_encoder_window=getattr(rec, "encoder_window", default.asr_encoder_window),
+            text_model=getattr(self.text_encoder, "identity", default.text_model),
+            speech_encoder=speech_encoder.identity if speech_encoder is not None else "",
+            word_vectors=word_vectors.identity if word_vectors is not None else "",
+            utterance=policy or (config.utterance if config is not None else UtterancePolicy()),
+        )
+        if config is not None and config != derived:
+            wrong = {k: v for k, v in config.to_dict().items() if derived.to_dict()[k] != v}
+            raise ValueError(
+                f"the feature config names {wrong}, but the analyzer was given {derived.to_dict()}"
+            )
+        self.config = derived
+        self.policy = derived.utterance
 
     @classmethod
     def from_settings(
         cls, settings=None, asr_threads: int | None = None, asr_workers: int | None = None
     ) -> Analyzer:
-        """ASR, text encoder and the optional pretrained parts configured by ``app.settings.Settings``.
-        The text and speech encoders run right after ASR in the same worker, so they get ASR's thread
-        share (``asr_threads``)."""
-        from app.analysis.asr import Recognizer
-        from app.analysis.text import TextEncoder
-        from app.settings import get_settings
+        """``AnalyzerSpec.from_settings(settings).build(...)``."""
+        return AnalyzerSpec.from_settings(settings).build(asr_threads, asr_workers)
 
-        s = settings or get_settings()
-        recognizer = Recognizer.from_settings(s, cpu_threads=asr_threads, num_workers=asr_workers)
-        text_encoder = TextEncoder(
-            s.text_model or None, providers=["CPUExecutionProvider"], threads=asr_threads or 0
+    # --- stages -------------------------------------------------------------------------------
+
+    def transcribe_batch(self, audios: Sequence[np.ndarray]) -> list[Transcript]:
+        """ASR of several utterances (16-kHz mono float32, each <= 30 s) in one batched pass."""
+        audios = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for a in audios]
+        return self.recognizer.transcribe_batch(audios)
+
+    def finish_batch(self, audios: Sequence[np.ndarray], transcripts: Sequence[Transcript]) -> list[Analysis]:
+        """Text encoder on the batch, then the optional pretrained parts, per transcript."""
+        t0 = _now_ms()
+        texts = self.text_encoder.encode_batch(
+            [([w.word for w in tr.words], [w.confidence for w in tr.words]) for tr in transcripts]
         )
-        speech_encoder = word_vectors = None
-        if s.speech_encoder:
-            from app.analysis.speech_encoder import SpeechEncoder
-
-            speech_encoder = SpeechEncoder(
-                s.speech_encoder, providers=["CPUExecutionProvider"], threads=asr_threads or 0
+        text_ms = (_now_ms() - t0) / max(1, len(transcripts))
+        out = []
+        for audio, tr, text in zip(audios, transcripts, texts, strict=True):
+            audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+            timing = {"asr": tr.timing_ms.get("asr", 0.0), "text": text_ms}
+            vectors = self.word_vectors.lookup(text.words) if self.word_vectors is not None else None
+            frames = None
+            if self.speech_encoder is not None:
+                t1 = _now_ms()
+                frames = self.speech_encoder.segment_frames(audio)
+                timing["speech_encoder"] = _now_ms() - t1
+            out.append(
+                Analysis(
+                    audio=audio,
+                    transcript=tr,
+                    text=text,
+                    timing_ms=timing,
+                    speech_frames=frames,
+                    word_vectors=vectors,
+                )
             )
-        if s.glove_path:
-            from app.analysis.word_vectors import WordVectors
+        return out
 
-            word_vectors = WordVectors.load(s.glove_path)
-        return cls(recognizer, text_encoder, speech_encoder=speech_encoder, word_vectors=word_vectors)
+    def analyze_batch(self, audios: Sequence[np.ndarray]) -> list[Analysis]:
+        audios = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for a in audios]
+        return self.finish_batch(audios, self.transcribe_batch(audios))
 
     def analyze(self, audio: np.ndarray) -> Analysis:
-        """16-kHz mono float32 audio (one utterance, <= 30 s) -> every model input."""
-        audio = np.ascontiguousarray(audio, dtype=np.float32)
-        t0 = _now_ms()
-        transcript = self.recognizer.transcribe(audio)
-        t1 = _now_ms()
-        text = self.text_encoder.encode(
-            [w.word for w in transcript.words], [w.confidence for w in transcript.words]
-        )
-        vectors = self.word_vectors.lookup(text.words) if self.word_vectors is not None else None
-        t2 = _now_ms()
-        acoustic = F.compute_acoustic(audio)
-        t3 = _now_ms()
-        timing = {"asr": t1 - t0, "text": t2 - t1, "features": t3 - t2}
-        frames = None
-        if self.speech_encoder is not None:
-            frames = self.speech_encoder.segment_frames(audio)
-            timing["speech_encoder"] = _now_ms() - t3
-        return Analysis(
-            audio=audio,
-            transcript=transcript,
-            text=text,
-            acoustic=acoustic,
-            timing_ms=timing,
-            speech_frames=frames,
-            word_vectors=vectors,
-        )
-
-
-_default: Analyzer | None = None
-
-
-def analyze(audio: np.ndarray) -> Analysis:
-    """``Analyzer().analyze`` on a process-wide default analyzer (bundled models, CPU/GPU auto)."""
-    global _default
-    if _default is None:
-        _default = Analyzer()
-    return _default.analyze(audio)
+        """One utterance (16-kHz mono float32, <= 30 s) -> everything the models read."""
+        return self.analyze_batch([audio])[0]

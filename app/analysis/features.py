@@ -15,9 +15,11 @@ Conventions shared by every frame-level feature:
 * All outputs are finite float32: every logarithm has a floor or an offset, so digital silence and
   10-ms clips are fine.
 
-``compute_acoustic`` frames the signal once with the longest window (800 samples) and slices the
+``AcousticStages`` frames the signal once with the longest window (800 samples) and slices the
 shorter, equally centred windows out of those frames; MFCC-20 and the VGGish log-mel share one FFT.
-The whole set costs six real FFTs of ``T`` frames and one inverse FFT (YIN).
+Each feature is computed on first use, so a server running only some models pays only for the
+features they read (``app.analysis.inputs``). ``compute_acoustic`` computes all four: six real FFTs
+of ``T`` frames and one inverse FFT (YIN).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -476,17 +478,23 @@ def linear_spectrogram(audio: np.ndarray) -> np.ndarray:
     return _spectrogram_from_frames(_frames(audio, WIN_40MS))
 
 
+def n_patches(n_t: int) -> int:
+    """VGGish patch count of ``n_t`` frames (rules in ``vggish_patches``): known from the length alone,
+    so inputs on the same patch grid (``enc_patches``) need not compute the log-mel."""
+    n_full, tail = divmod(n_t, VGGISH_PATCH)
+    return n_full + (1 if tail >= VGGISH_MIN_TAIL or n_full == 0 else 0)
+
+
 def _patches(logmel: np.ndarray) -> np.ndarray:
     """Cut (T, 64) log-mel into (P, 96, 64) patches (rules in ``vggish_patches``)."""
     n_t = logmel.shape[0]
-    n_full, tail = divmod(n_t, VGGISH_PATCH)
-    n_patches = n_full + (1 if tail >= VGGISH_MIN_TAIL or n_full == 0 else 0)
+    count = n_patches(n_t)
     # Padding frames hold the log-mel of digital silence, ln(0 + 0.01): what zero-padding the
     # waveform gives, so a padded patch looks like a pause rather than a flat loud spectrum.
-    out = np.full((n_patches * VGGISH_PATCH, VGGISH_BANDS), np.log(VGGISH_LOG_OFFSET), dtype=np.float32)
-    keep = min(n_t, n_patches * VGGISH_PATCH)
+    out = np.full((count * VGGISH_PATCH, VGGISH_BANDS), np.log(VGGISH_LOG_OFFSET), dtype=np.float32)
+    keep = min(n_t, count * VGGISH_PATCH)
     out[:keep] = logmel[:keep]
-    return out.reshape(n_patches, VGGISH_PATCH, VGGISH_BANDS)
+    return out.reshape(count, VGGISH_PATCH, VGGISH_BANDS)
 
 
 def vggish_patches(audio: np.ndarray) -> np.ndarray:
@@ -559,14 +567,57 @@ def frame_confidence(
     return conf.astype(np.float32)
 
 
+class AcousticStages:
+    """The acoustic features of one utterance, each computed on first use and kept.
+
+    Why: the four features cost six FFTs over the whole utterance, but a server running one model
+    reads one or two of them. Attribute names match ``AcousticFeatures``, so code that reads features
+    takes either. The stages share what they can: ``frames50`` is a view that the 25-ms and 40-ms
+    windows are sliced from, and ``mag25`` (25-ms Hann FFT) feeds both MFCC-20 and the VGGish log-mel.
+    Not thread-safe for concurrent first use of one instance (a stage may then be computed twice,
+    with equal results); create one per utterance and per caller.
+    """
+
+    def __init__(self, audio: np.ndarray):
+        self.audio = _as_audio(audio)
+
+    @cached_property
+    def frames50(self) -> np.ndarray:
+        """(T, 800) centred 50-ms frames; the shorter windows are centred slices of these."""
+        return _frames(self.audio, WIN_50MS)
+
+    @cached_property
+    def mag25(self) -> np.ndarray:
+        """(T, 257) magnitude of the 25-ms periodic Hann window in a 512-point DFT."""
+        return _magnitude(_centre(self.frames50, WIN_25MS), "hann", NFFT_25MS)
+
+    @cached_property
+    def frames33(self) -> np.ndarray:
+        """(T, 33) ``[MFCC-20 | CQT-12 | F0 Hz]`` (see ``frames33``)."""
+        return _frames33_from(self.mag25, self.frames50)
+
+    @cached_property
+    def mfcc40(self) -> np.ndarray:
+        """(T, 40) HTK-style MFCC (see ``mfcc_htk40``); its own pre-emphasised framing."""
+        return _mfcc_htk40_from_frames(_frames(_preemphasis(self.audio), WIN_25MS))
+
+    @cached_property
+    def spectrogram(self) -> np.ndarray:
+        """(T, 200) log(1 + |STFT|), 0..4 kHz (see ``linear_spectrogram``)."""
+        return _spectrogram_from_frames(_centre(self.frames50, WIN_40MS))
+
+    @cached_property
+    def logmel_patches(self) -> np.ndarray:
+        """(P, 96, 64) VGGish log-mel patches (see ``vggish_patches``)."""
+        return _patches(_vggish_logmel(self.mag25))
+
+
 def compute_acoustic(audio: np.ndarray) -> AcousticFeatures:
     """All acoustic inputs of one utterance, sharing one framing and the 25-ms Hann FFT."""
-    audio = _as_audio(audio)
-    frames50 = _frames(audio, WIN_50MS)  # the other windows are centred slices of these frames
-    mag25 = _magnitude(_centre(frames50, WIN_25MS), "hann", NFFT_25MS)
+    stages = AcousticStages(audio)
     return AcousticFeatures(
-        frames33=_frames33_from(mag25, frames50),
-        mfcc40=_mfcc_htk40_from_frames(_frames(_preemphasis(audio), WIN_25MS)),
-        spectrogram=_spectrogram_from_frames(_centre(frames50, WIN_40MS)),
-        logmel_patches=_patches(_vggish_logmel(mag25)),
+        frames33=stages.frames33,
+        mfcc40=stages.mfcc40,
+        spectrogram=stages.spectrogram,
+        logmel_patches=stages.logmel_patches,
     )

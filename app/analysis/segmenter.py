@@ -1,4 +1,10 @@
-"""Utterance segmentation of one channel of a 16-kHz stream: VAD -> utterance events.
+"""What an utterance is: the one definition REST, streaming, the CLI and training share.
+
+``UtterancePolicy`` holds every knob that decides where an utterance starts and ends;
+``UtteranceSegmenter`` applies it causally to one channel of a 16-kHz stream, and
+``split_utterances`` runs that same segmenter over a whole recording. A file therefore gives the
+same spans whether it is uploaded, streamed (at 16 kHz, in any frame size) or cached for training,
+and the models are trained on exactly the cut they are served.
 
 States: *idle* (silence; only the last ``pre_pad`` of audio is kept) and *speech*. Silero's
 hysteresis decides per 32-ms window: probability >= ``threshold`` is speech, below
@@ -29,13 +35,42 @@ from app.analysis.vad import WINDOW, StreamingVAD
 
 
 @dataclass(frozen=True)
-class SegmenterConfig:
+class UtterancePolicy:
+    """Where utterances start and end (part of the feature identity: it decides what the models see).
+
+    500 ms of silence ends an utterance: shorter pauses fall inside sentences often enough to split
+    them; the streaming final still starts ``post_pad`` after the speech when the server is idle.
+    15 s caps an utterance so one long turn still gives a result every 15 s.
+    """
+
     threshold: float = 0.5
-    end_silence_ms: int = 350
+    end_silence_ms: int = 500
     min_speech_ms: int = 200
     pre_pad_ms: int = 200
     post_pad_ms: int = 150
-    max_utterance_s: float = 15.0
+    max_s: float = 15.0
+
+    @classmethod
+    def from_settings(cls, s) -> UtterancePolicy:
+        return cls(
+            threshold=s.utterance_threshold,
+            end_silence_ms=s.utterance_end_silence_ms,
+            min_speech_ms=s.utterance_min_speech_ms,
+            pre_pad_ms=s.utterance_pre_pad_ms,
+            post_pad_ms=s.utterance_post_pad_ms,
+            max_s=s.utterance_max_s,
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """The policy plus what only a live stream needs (partials, interims, speculation), none of
+    which moves an utterance's span."""
+
+    policy: UtterancePolicy = UtterancePolicy()
     partial_every_s: float = 1.0  # 0 = no partials
     interim_every_s: float = 0.0  # 0 = no interim emotions
     speculative: bool = True
@@ -43,12 +78,7 @@ class SegmenterConfig:
     @classmethod
     def from_settings(cls, s, partials: bool = True) -> SegmenterConfig:
         return cls(
-            threshold=s.stream_vad_threshold,
-            end_silence_ms=s.stream_end_silence_ms,
-            min_speech_ms=s.stream_min_speech_ms,
-            pre_pad_ms=s.stream_pre_pad_ms,
-            post_pad_ms=s.stream_post_pad_ms,
-            max_utterance_s=s.stream_max_utterance_s,
+            policy=UtterancePolicy.from_settings(s),
             partial_every_s=s.stream_partial_every_s if partials else 0.0,
             interim_every_s=s.stream_interim_every_s,
             speculative=s.stream_speculative_final,
@@ -160,13 +190,15 @@ class _Buffer:
 class UtteranceSegmenter:
     def __init__(self, config: SegmenterConfig, vad: StreamingVAD | None = None):
         self.cfg = config
+        policy = config.policy
+        self.threshold = policy.threshold
         self.vad = vad or StreamingVAD()
-        self.neg_threshold = max(config.threshold - 0.15, 0.01)
-        self.end_silence = _ms(config.end_silence_ms)
-        self.post_pad = min(_ms(config.post_pad_ms), self.end_silence)
-        self.pre_pad = _ms(config.pre_pad_ms)
-        self.min_speech = _ms(config.min_speech_ms)
-        self.max_len = max(int(config.max_utterance_s * SAMPLE_RATE), 4 * WINDOW)
+        self.neg_threshold = max(policy.threshold - 0.15, 0.01)
+        self.end_silence = _ms(policy.end_silence_ms)
+        self.post_pad = min(_ms(policy.post_pad_ms), self.end_silence)
+        self.pre_pad = _ms(policy.pre_pad_ms)
+        self.min_speech = _ms(policy.min_speech_ms)
+        self.max_len = max(int(policy.max_s * SAMPLE_RATE), 4 * WINDOW)
         self.partial_every = int(config.partial_every_s * SAMPLE_RATE)
         self.interim_every = int(config.interim_every_s * SAMPLE_RATE)
         self.buffer = _Buffer()
@@ -204,12 +236,12 @@ class UtteranceSegmenter:
     def _window(self, p: float, w_start: int, w_end: int, events: list[Event]) -> None:
         cfg = self.cfg
         if not self.in_speech:
-            if p >= cfg.threshold:
+            if p >= self.threshold:
                 self._begin(max(self.buffer.start, w_start - self.pre_pad), w_start, w_end, events)
             else:
                 self.buffer.drop_before(w_end - self.pre_pad)  # idle: keep only the pre-roll
             return
-        if p >= cfg.threshold or (p >= self.neg_threshold and not self.silent):
+        if p >= self.threshold or (p >= self.neg_threshold and not self.silent):
             self.speech_end, self.silent = w_end, False
             if self.candidate:
                 self.candidate = False
@@ -238,7 +270,7 @@ class UtteranceSegmenter:
             events.append(
                 PartialDue(self.utterance, self.utt_start, w_end, self.buffer.slice(self.utt_start, w_end))
             )
-        if self.interim_every and w_end - self.last_interim >= self.interim_every:
+        if not self.silent and self.interim_every and w_end - self.last_interim >= self.interim_every:
             self.last_interim = w_end
             events.append(
                 InterimDue(self.utterance, self.utt_start, w_end, self.buffer.slice(self.utt_start, w_end))
@@ -275,3 +307,32 @@ class UtteranceSegmenter:
                 end = speech_end = self.buffer.end
             self._end(end, speech_end, reason, events)
         return events
+
+
+# --- a whole recording -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Span:
+    """One utterance of a recording: samples ``[start, end)`` at 16 kHz."""
+
+    start: int
+    end: int
+    reason: str = "end_of_speech"
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end - self.start) / SAMPLE_RATE
+
+
+def split_utterances(audio16k: np.ndarray, policy: UtterancePolicy | None = None) -> list[Span]:
+    """The utterances of a whole 16-kHz mono recording, exactly as a stream of it would end them
+    (its end is a ``stop``). Speech shorter than ``min_speech_ms`` gives none."""
+    seg = UtteranceSegmenter(SegmenterConfig(policy or UtterancePolicy(), 0.0, 0.0, False))
+    audio16k = np.asarray(audio16k, dtype=np.float32).reshape(-1)
+    events: list[Event] = []
+    step = 30 * SAMPLE_RATE  # the buffer holds one utterance at most: feed it in pieces
+    for i in range(0, len(audio16k), step):
+        events += seg.feed(audio16k[i : i + step])
+    events += seg.flush("stop")
+    return [Span(e.start, e.end, e.reason) for e in events if isinstance(e, UtteranceEnd)]

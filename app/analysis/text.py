@@ -83,17 +83,33 @@ class TextEncoder:
         return TextFeatures([""], zeros, zeros.copy(), np.zeros(1, np.float32), is_empty=True)
 
     def encode(self, words: Sequence[str], confidences: Sequence[float] | None = None) -> TextFeatures:
-        words = [w for w in words]
-        if confidences is None:
-            confidences = [1.0] * len(words)
-        if not any(w.strip() for w in words):
-            return self.empty()
-        contextual = np.zeros((len(words), self.dim), np.float32)
-        static = np.zeros_like(contextual)
-        for lo, hi in self._pieces(words):
-            c, s = self._encode_piece(words[lo:hi])
+        return self.encode_batch([(words, confidences)])[0]
+
+    def encode_batch(
+        self, items: Sequence[tuple[Sequence[str], Sequence[float] | None]]
+    ) -> list[TextFeatures]:
+        """Several utterances' words in one ONNX run: every piece of every utterance is padded to
+        the longest and masked, so an utterance's vectors do not depend on its batch neighbours."""
+        jobs: list[tuple[int, int, int]] = []  # (item, lo, hi)
+        out: list[TextFeatures | None] = [None] * len(items)
+        for i, (words, _) in enumerate(items):
+            if any(w.strip() for w in words):
+                jobs += [(i, lo, hi) for lo, hi in self._pieces(list(words))]
+            else:
+                out[i] = self.empty()
+        vectors = self._encode_pieces([list(items[i][0][lo:hi]) for i, lo, hi in jobs])
+        arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for (i, lo, hi), (c, s) in zip(jobs, vectors, strict=True):
+            n = len(items[i][0])
+            contextual, static = arrays.setdefault(
+                i, (np.zeros((n, self.dim), np.float32), np.zeros((n, self.dim), np.float32))
+            )
             contextual[lo:hi], static[lo:hi] = c, s
-        return TextFeatures(list(words), contextual, static, np.asarray(confidences, np.float32))
+        for i, (contextual, static) in arrays.items():
+            words, confidences = items[i]
+            conf = [1.0] * len(words) if confidences is None else confidences
+            out[i] = TextFeatures(list(words), contextual, static, np.asarray(conf, np.float32))
+        return [t for t in out if t is not None]
 
     def _pieces(self, words: list[str]) -> list[tuple[int, int]]:
         """Split the word list so that every piece fits MAX_TOKENS."""
@@ -108,13 +124,21 @@ class TextEncoder:
                 stack += [(mid, hi), (lo, mid)]
         return sorted(pieces)
 
-    def _encode_piece(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        enc = self.tokenizer.encode(words, is_pretokenized=True)
-        ids = np.asarray(enc.ids[: MAX_TOKENS + 2], np.int64)[None]
-        hidden, embedded = self.session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-        word_ids = np.asarray([-1 if w is None else w for w in enc.word_ids[: ids.shape[1]]])
-        n = len(words)
-        # mean over each word's sub-word tokens via a (W, tokens) assignment matrix
-        assign = (word_ids[None, :] == np.arange(n)[:, None]).astype(np.float32)
-        counts = np.maximum(assign.sum(1, keepdims=True), 1.0)
-        return (assign @ hidden[0]) / counts, (assign @ embedded[0]) / counts
+    def _encode_pieces(self, pieces: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One ONNX run per token length: the exported graph does not honour ``attention_mask``
+        for padding (tracing folded it), so only pieces of equal length share a run."""
+        encs = [self.tokenizer.encode(words, is_pretokenized=True) for words in pieces]
+        by_length: dict[int, list[int]] = {}
+        for i, e in enumerate(encs):
+            by_length.setdefault(min(len(e.ids), MAX_TOKENS + 2), []).append(i)
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(pieces)
+        for length, rows in by_length.items():
+            ids = np.asarray([encs[i].ids[:length] for i in rows], np.int64)
+            hidden, embedded = self.session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+            for row, i in enumerate(rows):
+                word_ids = np.asarray([-1 if w is None else w for w in encs[i].word_ids[:length]])
+                # mean over each word's sub-word tokens via a (W, tokens) assignment matrix
+                assign = (word_ids[None, :] == np.arange(len(pieces[i]))[:, None]).astype(np.float32)
+                counts = np.maximum(assign.sum(1, keepdims=True), 1.0)
+                out[i] = ((assign @ hidden[row]) / counts, (assign @ embedded[row]) / counts)
+        return [v for v in out if v is not None]

@@ -3,7 +3,7 @@ emotion out; ``GET /v1/models``: what is loaded.
 
 Options come as query parameters or as multipart form fields (a query parameter wins when both
 are given): ``models`` (comma-separated ids; default all + ensemble), ``channels`` (mix|separate),
-``words`` (bool), ``session_id`` (store each segment in that session and return the ``seq``s).
+``words`` (bool), ``segmentation`` (utterance|whole), ``session_id`` (store each segment in that session and return the ``seq``s).
 
 Order of checks, cheapest first: API key, readiness, upload size, options, model ids, decoding and
 audio limits, then the work. Thread-safety: stateless handlers; blocking work (decode, VAD,
@@ -18,7 +18,8 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.analysis.audio import AudioLimits, decode
+from app.analysis import decoding
+from app.analysis.audio import AudioLimits
 from app.api.upload import read_upload
 from app.errors import InvalidOptionError, NotReadyError, StoreUnavailableError
 from app.schemas import ErrorBody, PredictResponse
@@ -37,6 +38,7 @@ class PredictOptions(BaseModel):
     models: list[str] | None = None
     channels: Literal["mix", "separate"] = "mix"
     words: bool = False
+    segmentation: Literal["utterance", "whole"] = "utterance"
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
 
     @field_validator("models", mode="before")
@@ -95,6 +97,7 @@ _BODY = {
                         "models": {"type": "string"},
                         "channels": {"type": "string", "enum": ["mix", "separate"]},
                         "words": {"type": "boolean"},
+                        "segmentation": {"type": "string", "enum": ["utterance", "whole"]},
                         "session_id": {"type": "string"},
                     },
                 }
@@ -114,6 +117,11 @@ async def predict(
         None, description="mix (default) or separate (stereo calls)"
     ),
     words: bool | None = Query(None, description="include word timings and confidences"),
+    segmentation: Literal["utterance", "whole"] | None = Query(
+        None,
+        description="utterance (default): one segment per utterance, cut as streaming and training cut "
+        "them; whole: each channel as one segment (equal parts of <= 30 s)",
+    ),
     session_id: str | None = Query(
         None, pattern=SESSION_ID_PATTERN, description="store the segments in this session"
     ),
@@ -124,7 +132,14 @@ async def predict(
         raise NotReadyError("the models are still loading", retry_after=settings.retry_after_s)
     upload = await read_upload(request, settings.max_upload_bytes)
     opts = _options(
-        {"models": models, "channels": channels, "words": words, "session_id": session_id}, upload.fields
+        {
+            "models": models,
+            "channels": channels,
+            "words": words,
+            "segmentation": segmentation,
+            "session_id": session_id,
+        },
+        upload.fields,
     )
     service.resolve_models(opts.models)  # unknown ids fail before any decoding
     store = getattr(app.state, "store", None)
@@ -133,10 +148,18 @@ async def predict(
 
     key = new_request_key()  # decode, VAD and ASR of this request share one fair-queue identity
     t0 = time.perf_counter()
-    audio = await service.engine.run_cpu(key, decode, upload.data, opts.channels, _limits(settings))
+    decoder = decoding.pool_for(settings)  # isolated worker processes: a crafted file cannot crash us
+    audio = await service.engine.run_cpu(key, decoder.decode, upload.data, opts.channels, _limits(settings))
     decode_ms = (time.perf_counter() - t0) * 1000.0
     response, results = await service.predict_detailed(
-        audio, opts.models, opts.channels, opts.words, source="rest", decode_ms=decode_ms, key=key
+        audio,
+        opts.models,
+        opts.channels,
+        opts.words,
+        opts.segmentation,
+        source="rest",
+        decode_ms=decode_ms,
+        key=key,
     )
     if opts.session_id:
         if await store.get_session(opts.session_id) is None:
@@ -155,7 +178,8 @@ _DOC = dict(
     summary="Transcript and emotion of an audio file",
     description=(
         "Upload audio as multipart field `file` or as the raw body with `Content-Type: audio/*`. Speech is split "
-        "into utterances (Silero VAD, <= 30 s) per channel; each gets a transcript and per-model emotion "
+        "into utterances per channel (Silero VAD; 500 ms of silence ends one, at most 15 s; the same cut as "
+        "streaming), or kept whole with `segmentation=whole`; each gets a transcript and per-model emotion "
         "probabilities; `emotion` is their duration-weighted mean. Errors are `{error, detail}`."
     ),
 )

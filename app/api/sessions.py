@@ -127,7 +127,7 @@ async def get_session(request: Request, session_id: str = SessionId) -> SessionO
 async def session_results(
     request: Request,
     session_id: str = SessionId,
-    after: int = Query(0, ge=0, description="return results with seq > after"),
+    after: int = Query(0, ge=0, le=2**63 - 1, description="return results with seq > after"),
     wait: float = Query(0.0, ge=0.0, description="seconds to wait for a newer result (capped)"),
     limit: int = Query(100, ge=1, le=1000),
 ) -> ResultsOut:

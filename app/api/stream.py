@@ -20,8 +20,9 @@ Protocol (JSON text messages, each with a ``type``; audio in binary messages)::
 * Binary frames of any length up to ``max_frame_bytes`` (20-100 ms is typical; a frame need not
   end on a sample boundary).
 * ``partial``: per channel and utterance; ``confirmed`` only ever grows within an utterance
-  (LocalAgreement-2), ``unconfirmed`` may change. Partials are skipped when the ASR pool is
-  busy; ``final`` never is. The ``final`` is the authoritative transcript of the utterance.
+  (LocalAgreement-2), ``unconfirmed`` may change. Partials are skipped when the ASR lane
+  sheds them under load; ``final`` never is (finals have priority and queue room of their own).
+  The ``final`` is the authoritative transcript of the utterance.
 * ``final``: one per utterance, ended by end of speech (``end_silence_ms`` of silence) or
   ``max_utterance_s``; ``seq`` is its number in the session store (``GET /v1/sessions/{id}``).
   ``latency_ms`` counts from the arrival of the frame in which the utterance's speech ended.

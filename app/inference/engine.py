@@ -1,23 +1,28 @@
-"""The inference engine: ONNX Runtime sessions, their batchers, the ASR pool, loading and warm-up.
+"""The inference engine: ONNX Runtime sessions, their batchers, the scheduler lanes, loading and warm-up.
 
 One ``ModelRunner`` (one ONNX Runtime session) per model id, each behind a ``DynamicBatcher``;
-one ``FairWorkPool`` for the CPU-heavy per-utterance work (decode, VAD, ``Analyzer.analyze``).
+two scheduler lanes (``app.inference.scheduler``) for the blocking work: the **ASR lane** batches
+utterances across requests and streams (``Analyzer.transcribe_batch`` then ``finish_batch``) with
+priorities stream finals > REST > partials and per-client fairness, and the **CPU lane** runs the
+other blocking calls (decode, VAD) under the same rules, one at a time.
 
 CPU budget (the point of ``ThreadPlan``): ASR dominates the cost of a request, so on CPU it gets
-the cores (``asr_workers`` transcriptions at once, ``cores // asr_workers`` CTranslate2 threads
-each); the models share ``inference_workers`` threads (default 1) whose ONNX Runtime sessions use
-``cores // 4`` intra-op threads (at least 1) with spinning disabled, so an idle model session does
-not burn the cores ASR is using. Explicit settings (``asr_cpu_threads``, ``intra_op_threads``)
-override the plan.
+the cores: ``asr_workers`` lane threads (default 1: batching replaces parallel single-utterance
+workers) with ``cores // asr_workers`` CTranslate2 threads each; the models share
+``inference_workers`` threads (default 1) whose ONNX Runtime sessions use ``cores // 4`` intra-op
+threads (at least 1) with spinning disabled, so an idle model session does not burn the cores ASR
+is using. Explicit settings (``asr_cpu_threads``, ``intra_op_threads``) override the plan.
 
 Execution provider: CUDA when ``device`` is ``auto`` or ``cuda`` and a probe session really runs on
 it (``get_available_providers()`` lists CUDA whenever the GPU build is installed, even without a
 GPU or CUDA libraries), else CPU. Each session logs the providers it actually got.
 
-Thread-safety: ``Engine`` is created in any thread but ``start``/``stop``/``infer``/``analyze`` belong
-to the asyncio loop that called ``start`` (its batchers are asyncio objects). ``ModelRunner.run`` is
-thread-safe (ONNX Runtime sessions allow concurrent ``run``), and is called from the inference
-executor threads. ``ModelCard`` is immutable.
+Thread-safety: ``Engine`` is created in any thread but ``start``/``stop``/``infer``/``analyze``/
+``transcribe``/``run_cpu`` belong to the asyncio loop that called ``start`` (its batchers are asyncio
+objects; the lanes themselves are thread-safe). ``ModelRunner.run`` is thread-safe (ONNX Runtime
+sessions allow concurrent ``run``), and is called from the inference executor threads. The ASR
+lane's batch function runs on the lane's threads and calls the Analyzer, which must be thread-safe
+when ``asr_workers > 1``. ``ModelCard`` is immutable.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from app.analysis.inputs import collate, model_inputs
 from app.errors import InferenceError, NotReadyError, ServiceError
 from app.inference.batching import DynamicBatcher
 from app.inference.ensemble import load_weights
-from app.inference.workpool import FairWorkPool
+from app.inference.scheduler import Call, Failed, Lane, LaneLimits, Priority, cpu_lane, resolve_max_batch
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +298,8 @@ class Engine:
         self.runners: dict[str, ModelRunner] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.classes: tuple[str, ...] = ()
-        self.pool: FairWorkPool | None = None
+        self.asr_lane: Lane | None = None
+        self.cpu_lane: Lane | None = None
         self.providers: list[str] = [CPU]
         self._executor: ThreadPoolExecutor | None = None
         self.ready = False
@@ -313,13 +319,7 @@ class Engine:
             try:
                 await asyncio.to_thread(self._load)
                 s = self.settings
-                self.pool = FairWorkPool(
-                    workers=self.plan.asr_workers,
-                    max_queue=s.asr_max_queue,
-                    name="asr",
-                    default_timeout_s=s.request_timeout_s,
-                    retry_after_s=s.retry_after_s,
-                )
+                self._start_lanes()
                 self._executor = ThreadPoolExecutor(
                     self.plan.inference_workers, thread_name_prefix="inference"
                 )
@@ -401,6 +401,29 @@ class Engine:
         self.ensemble_weights = load_weights(s.model_dir, {m: c.sha256 for m, c in cards.items()})
         log.info("ensemble: %s", self.ensemble_weights or "plain mean")
 
+    def _start_lanes(self) -> None:
+        s = self.settings
+        limits = LaneLimits(
+            max_queue=s.asr_max_queue,
+            final_reserve=s.asr_final_reserve,
+            partial_low_water=s.asr_partial_low_water,
+            retry_after_s=s.retry_after_s,
+            default_timeout_s=s.request_timeout_s,
+        )
+        recognizer = getattr(self.analyzer, "recognizer", None)
+        cuda = CUDA in self.providers or getattr(recognizer, "device", "cpu") == "cuda"
+        self.asr_lane = Lane(
+            "asr",
+            self._asr_batch,
+            workers=self.plan.asr_workers,
+            max_batch=resolve_max_batch(s.asr_max_batch, cuda),
+            max_wait_s=s.asr_max_wait_ms / 1000.0,
+            limits=limits,
+            batch_size_metric=metrics.ASR_BATCH_SIZE,
+        )
+        self.cpu_lane = cpu_lane("cpu", workers=s.cpu_workers, limits=limits)
+        log.info("ASR lane: %d worker(s), batches of <= %d", self.asr_lane.workers, self.asr_lane.max_batch)
+
     def _build_analyzer(self):
         from app.analysis.analyzer import Analyzer
 
@@ -419,7 +442,7 @@ class Engine:
         # Silero VAD loads lazily: load it now rather than on the first request.
         from app.analysis.asr import speech_regions
 
-        await self.pool.run("warmup", speech_regions, warmup_audio())
+        await self.run_cpu("warmup", speech_regions, warmup_audio())
         log.info("warm-up done in %.2f s", time.perf_counter() - t0)
 
     async def stop(self) -> None:
@@ -433,32 +456,72 @@ class Engine:
         for batcher in self.batchers.values():
             await batcher.stop()
         self.batchers = {}
-        if self.pool is not None:
-            await asyncio.to_thread(self.pool.shutdown)
-            self.pool = None
+        for lane in (self.asr_lane, self.cpu_lane):
+            if lane is not None:
+                await asyncio.to_thread(lane.shutdown)
+        self.asr_lane = self.cpu_lane = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
     # --- work --------------------------------------------------------------------------------
 
-    def _require_pool(self) -> FairWorkPool:
-        if self.pool is None:
+    def _require(self, lane: Lane | None) -> Lane:
+        if lane is None:
             raise NotReadyError("the models are still loading", retry_after=self.settings.retry_after_s)
-        return self.pool
+        return lane
 
-    async def run_cpu(self, key: Hashable | None, fn, *args: Any, timeout_s: float | None = None) -> Any:
-        """Run blocking CPU work (decode, VAD) in the fair ASR pool."""
-        return await self._require_pool().run(key, fn, *args, timeout_s=timeout_s)
+    async def run_cpu(
+        self,
+        key: Hashable | None,
+        fn,
+        *args: Any,
+        priority: Priority = Priority.REST,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Run blocking CPU work (decode, VAD) in the fair CPU lane."""
+        return await self._require(self.cpu_lane).run(key, Call(fn, args), priority, timeout_s)
 
-    async def analyze(self, audio: np.ndarray, key: Hashable | None = None, timeout_s: float | None = None):
-        """``Analyzer.analyze`` (ASR + text + acoustic features) in the fair ASR pool."""
-        pool = self._require_pool()
-        analysis = await pool.run(key, self.analyzer.analyze, audio, timeout_s=timeout_s)
+    async def analyze(
+        self,
+        audio: np.ndarray,
+        key: Hashable | None = None,
+        priority: Priority = Priority.REST,
+        timeout_s: float | None = None,
+    ):
+        """``Analysis`` of one utterance (ASR + text + acoustic features), batched in the ASR lane."""
+        request = AsrRequest(np.ascontiguousarray(audio, dtype=np.float32), full=True)
+        analysis = await self._require(self.asr_lane).run(key, request, priority, timeout_s)
         metrics.ASR_SECONDS.observe(analysis.timing_ms.get("asr", 0.0) / 1000.0)
         feature_ms = sum(analysis.timing_ms.get(k, 0.0) for k in ("text", "features", "speech_encoder"))
         metrics.FEATURE_SECONDS.observe(feature_ms / 1000.0)
         return analysis
+
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        key: Hashable | None = None,
+        priority: Priority = Priority.PARTIAL,
+        timeout_s: float | None = None,
+    ):
+        """ASR only (``app.analysis.asr.Transcript``), batched with everything else in the ASR lane."""
+        request = AsrRequest(np.ascontiguousarray(audio, dtype=np.float32), full=False)
+        return await self._require(self.asr_lane).run(key, request, priority, timeout_s)
+
+    def _asr_batch(self, requests: list[AsrRequest]) -> list[Any]:
+        """The ASR lane's batch function (lane thread): every job's ASR in one ``transcribe_batch``
+        call, then ``finish_batch`` for the jobs that want a full ``Analysis``."""
+        analyzer = self.analyzer
+        if not hasattr(analyzer, "transcribe_batch"):
+            return [_one_by_one(analyzer, r) for r in requests]
+        audios = [r.audio for r in requests]
+        results: list[Any] = list(analyzer.transcribe_batch(audios))
+        full = [i for i, r in enumerate(requests) if r.full]
+        if full:
+            analyses = analyzer.finish_batch([audios[i] for i in full], [results[i] for i in full])
+            for i, analysis in zip(full, analyses, strict=True):
+                results[i] = analysis
+        return results
 
     async def infer(
         self, model_id: str, inputs: dict[str, np.ndarray], timeout_s: float | None = None
@@ -468,3 +531,21 @@ class Engine:
         if batcher is None:
             raise NotReadyError(f"model {model_id} is not loaded", retry_after=self.settings.retry_after_s)
         return await batcher.submit(inputs, timeout_s=timeout_s)
+
+
+@dataclass(frozen=True)
+class AsrRequest:
+    """An ASR-lane payload: 16-kHz mono float32 audio; ``full`` = an ``Analysis``, else a ``Transcript``."""
+
+    audio: np.ndarray
+    full: bool
+
+
+def _one_by_one(analyzer, request: AsrRequest) -> Any:
+    """For an analyzer without the batch stages: the single-utterance calls, failing one job alone."""
+    try:
+        if request.full:
+            return analyzer.analyze(request.audio)
+        return analyzer.recognizer.transcribe(request.audio)
+    except Exception as exc:
+        return Failed(exc)

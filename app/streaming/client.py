@@ -62,7 +62,9 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def to_pcm16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    """Float samples -> 16-bit PCM with the scale soundfile and the server use (x 32768, clipped),
+    so samples read from a 16-bit file reach the server unchanged."""
+    return np.clip(np.round(np.asarray(x, np.float64) * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def _headers(api_key: str | None) -> dict[str, str] | None:

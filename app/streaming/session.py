@@ -5,19 +5,26 @@ No socket here: ``app.api.stream`` reads the WebSocket and calls ``StreamSession
 was given. Tests drive it directly with a fake backend.
 
 Flow per binary frame: decode (``PcmDecoder``) -> de-interleave -> resample each channel to 16 kHz
--> that channel's ``UtteranceSegmenter`` (Silero VAD) -> events:
+-> that channel's ``UtteranceSegmenter`` (Silero VAD) -> events. That ingest step is CPU work
+(~0.3-0.5 ms per 20-ms stereo frame), so it runs in a small shared thread pool
+(``stream_ingest_workers``), not on the event loop; a stream's steps stay in order because the
+reader awaits each one. The events are then handled on the loop:
 
 * ``UtteranceEnd`` -> a *final job*: the utterance's analysis starts at once (or was already
   started speculatively on a ``Candidate``), and one emitter task awaits the jobs in order,
   appends each result to the store (which assigns ``seq``) and sends the ``final``. Finals are never
-  skipped; an analysis that fails for a transient reason (queue full) is retried.
-* ``PartialDue`` -> a low-priority ASR pass over the utterance so far, fed to the channel's
-  ``LocalAgreement``; sent as ``partial`` only if the utterance is still open. Skipped (counted
-  in ``partials_skipped``) whenever a final, a speculative final or another partial of this
-  process is in flight, or the ASR pool has a queue: partials thin out under load. When a final
-  needs the pool, partial passes still queued there are withdrawn (``PriorityGate.preempt_low``),
-  so a final waits at most for the one partial pass a worker is already running.
-* ``InterimDue`` -> an emotion estimate of the utterance so far, with the same low priority.
+  skipped. They run at ``Priority.FINAL`` in the engine's ASR lane, ahead of REST and partial work,
+  with queue room of their own (``app.inference.scheduler``): no retry loop is needed.
+* ``Candidate`` -> a *speculative* final: the analysis of the same audio starts as soon as
+  ``post_pad`` of silence is seen, also at ``Priority.FINAL`` (it *is* the final's analysis ~200 ms
+  early in the common case), but only while no final waits in the ASR lane
+  (``StreamBackend.asr_idle``), so a guess never takes a batch slot from a confirmed final.
+* ``PartialDue`` -> an ASR pass over the utterance so far at ``Priority.PARTIAL``, fed to the
+  channel's ``LocalAgreement``; sent as ``partial`` only if the utterance is still open. One pass
+  per channel at a time; the lane admits partials only below its low-water mark and sheds queued
+  ones first when finals or REST work arrive, and a shed or late pass is counted in
+  ``partials_skipped``: partials thin out under load, finals never wait for them.
+* ``InterimDue`` -> an emotion estimate of the utterance so far, also at ``Priority.PARTIAL``.
 
 Back-pressure: ``backlog_s`` is the audio of utterances that ended but whose final is not out
 yet. Above ``max_backlog_s`` the reader must stop reading (``wait_capacity``) until the backlog
@@ -26,19 +33,19 @@ audio. Warnings are sent when the client runs ahead of real time, when the backl
 the limit, and when reading is paused.
 
 Thread-safety: a ``StreamSession`` lives on one event loop and is driven by one reader task plus
-the tasks it creates itself. ``PRIORITY`` is process-wide state touched only from the event loop
-(one per server process); its counters are plain integers updated without awaits in between
-(atomic under asyncio). The only cross-thread object is the ``threading.Event`` a pool worker
-sets when it starts a partial pass.
+the tasks it creates itself. Its decoder, resamplers and segmenters are touched only by the ingest
+step in the pool, one step at a time per session (``feed`` awaits it; ``finish`` waits for a step
+still running before flushing); everything else only from the loop. The ingest pool is
+process-wide and created lazily from the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +63,7 @@ from app.analysis.segmenter import (
     UtteranceSegmenter,
     UtteranceStart,
 )
+from app.inference.scheduler import Priority
 from app.schemas import Emotion, WordOut
 from app.streaming.audio import ArrivalClock, ChannelResampler, PcmDecoder
 from app.streaming.local_agreement import LocalAgreement
@@ -101,51 +109,32 @@ class StreamBackend(Protocol):
         offset_s: float,
         key: Hashable,
         count_audio: bool = True,
+        priority: Priority = Priority.FINAL,
     ) -> UtteranceOutput: ...
 
-    async def transcribe_words(
-        self, audio16k: np.ndarray, key: Hashable, started: threading.Event | None = None
-    ) -> list[str]:
-        """ASR words of a partial pass; sets ``started`` when a worker picks the job up."""
+    async def transcribe_words(self, audio16k: np.ndarray, key: Hashable) -> list[str]:
+        """ASR words of a partial pass (``Priority.PARTIAL``); raises ``QueueFull`` when shed."""
         ...
 
-    def asr_idle(self) -> bool: ...
+    def asr_idle(self) -> bool:
+        """No final waits for the ASR lane: a speculative final would not delay a confirmed one."""
+        ...
 
 
-class PriorityGate:
-    """Process-wide counts of streaming analyses in flight, to keep low-priority work off the ASR
-    pool while any final is pending (finals first; partials only when the pool is idle)."""
-
-    def __init__(self, max_low: int = 1):
-        self.finals = 0  # final analyses (speculative ones included) not finished
-        self.low = 0  # partial / interim passes not finished
-        self.max_low = max_low
-        # Partial passes still waiting in the ASR pool, with the flag their worker sets on start.
-        self._waiting: dict[asyncio.Task, threading.Event] = {}
-
-    def track_low(self, task: asyncio.Task, started: threading.Event) -> None:
-        self._waiting[task] = started
-        task.add_done_callback(lambda t: self._waiting.pop(t, None))
-
-    def preempt_low(self) -> None:
-        """A final needs the pool: withdraw partial passes no worker has started (a queued pool
-        job whose future is cancelled is skipped). A pass already running finishes."""
-        for task, started in list(self._waiting.items()):
-            if not started.is_set():
-                task.cancel()
-
-    def low_priority_allowed(self, backend: StreamBackend) -> bool:
-        return self.finals == 0 and self.low < self.max_low and backend.asr_idle()
-
-    def speculation_allowed(self, backend: StreamBackend) -> bool:
-        return self.finals == 0 and backend.asr_idle()
+def _skippable(exc: BaseException) -> bool:
+    """A low-priority pass refused, shed (503) or too late (504): a skip, not a failure."""
+    return getattr(exc, "status", None) in (503, 504)
 
 
-PRIORITY = PriorityGate()
+_INGEST_POOL: ThreadPoolExecutor | None = None
 
 
-def _is_transient(exc: BaseException) -> bool:
-    return getattr(exc, "status", None) == 503  # QueueFull / not ready: try again
+def ingest_pool(workers: int) -> ThreadPoolExecutor:
+    """The process-wide pool running the streams' ingest steps (created on first use, from the loop)."""
+    global _INGEST_POOL
+    if _INGEST_POOL is None:
+        _INGEST_POOL = ThreadPoolExecutor(max(1, workers), thread_name_prefix="stream-ingest")
+    return _INGEST_POOL
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -203,9 +192,9 @@ class StreamSession:
         emit: Emit,
         models: list[str] | None = None,
         announced_models: list[str] | None = None,
-        gate: PriorityGate = PRIORITY,
         clock: Callable[[], float] = time.monotonic,
         segmenter_factory: Callable[[int], UtteranceSegmenter] | None = None,
+        ingest: Executor | None = None,
     ):
         self.session_id = session_id
         self.start_msg = start
@@ -215,9 +204,10 @@ class StreamSession:
         self._emit = emit
         self.models = models  # as requested: passed to every analysis
         self.announced_models = announced_models if announced_models is not None else (models or [])
-        self.gate = gate
         self.clock = clock
-        self.key = f"stream-{session_id}-{id(self)}"  # fair-scheduling key in the ASR pool
+        self.key = f"stream-{session_id}-{id(self)}"  # fair-scheduling key in the ASR lane
+        self._ingest = ingest or ingest_pool(int(getattr(settings, "stream_ingest_workers", 2)))
+        self._ingest_step: Future | None = None  # the step in the pool, awaited by feed()
         self.channels = start.channels
         self.decoder = PcmDecoder(start.encoding, start.channels)
         self.resamplers = [ChannelResampler(start.sample_rate) for _ in range(self.channels)]
@@ -265,8 +255,8 @@ class StreamSession:
         return StreamSettings(
             max_frame_bytes=s.stream_max_frame_bytes,
             max_message_bytes=s.stream_max_message_bytes,
-            max_utterance_s=s.stream_max_utterance_s,
-            end_silence_ms=s.stream_end_silence_ms,
+            max_utterance_s=s.utterance_max_s,
+            end_silence_ms=s.utterance_end_silence_ms,
             partial_every_s=s.stream_partial_every_s if self.start_msg.partials else 0.0,
             interim_every_s=s.stream_interim_every_s,
             max_backlog_s=s.stream_max_backlog_s,
@@ -304,18 +294,43 @@ class StreamSession:
     async def feed(self, data: bytes, arrival: float | None = None) -> None:
         """One binary frame. Raises ``InvalidAudioFrame`` for unusable content."""
         arrival = self.clock() if arrival is None else arrival
-        frames = self.decoder.decode(data)
-        if len(frames) == 0:
+        n_frames, events = await self._off_loop(self._ingest_frame, data)
+        if n_frames == 0:
             return
         if self._first_arrival is None:
             self._first_arrival = arrival
-        self.arrivals.add(len(frames), arrival)
+        self.arrivals.add(n_frames, arrival)
+        for c, channel_events in events:
+            self._handle(c, channel_events)
+        await self._send_outbox()
+        await self._check_pace(arrival)
+
+    async def _off_loop(self, fn, *args):
+        """Run an ingest step in the pool; steps of one session never overlap (the caller awaits)."""
+        step = self._ingest.submit(fn, *args)
+        self._ingest_step = step
+        return await asyncio.wrap_future(step)
+
+    def _ingest_frame(self, data: bytes) -> tuple[int, list[tuple[int, list]]]:
+        """(input frames decoded, segmenter events per channel) of one binary frame. Pool thread."""
+        frames = self.decoder.decode(data)
+        if len(frames) == 0:
+            return 0, []
+        events = []
         for c in range(self.channels):
             audio16k = self.resamplers[c](frames[:, c])
             if len(audio16k):
-                self._handle(c, self.segmenters[c].feed(audio16k))
-        await self._send_outbox()
-        await self._check_pace(arrival)
+                events.append((c, self.segmenters[c].feed(audio16k)))
+        return len(frames), events
+
+    def _ingest_flush(self, reason: str) -> list[tuple[int, list]]:
+        """The resamplers' tails and every segmenter's pending utterance. Pool thread."""
+        events = []
+        for c in range(self.channels):
+            tail = self.resamplers[c](np.zeros(0, dtype=np.float32), last=True)
+            channel_events = self.segmenters[c].feed(tail) if len(tail) else []
+            events.append((c, channel_events + self.segmenters[c].flush(reason)))
+        return events
 
     async def _check_pace(self, now: float) -> None:
         ahead = self.received_s - (now - (self._first_arrival or now))
@@ -360,10 +375,11 @@ class StreamSession:
         if self._finished:
             return self.stats()
         self._finished = True
-        for c in range(self.channels):
-            tail = self.resamplers[c](np.zeros(0, dtype=np.float32), last=True)
-            events = self.segmenters[c].feed(tail) if len(tail) else []
-            self._handle(c, events + self.segmenters[c].flush(reason))
+        step = self._ingest_step
+        if step is not None and not step.done():  # a feed() cancelled mid-step: let it end first
+            await asyncio.wait([asyncio.wrap_future(step)])
+        for c, events in await self._off_loop(self._ingest_flush, reason):
+            self._handle(c, events)
         await self._send_outbox()
         for task in list(self._low_tasks):
             task.cancel()
@@ -421,33 +437,16 @@ class StreamSession:
                 self.counters.discarded += 1
 
     def _analysis_task(self, channel: int, audio: np.ndarray, start: int) -> asyncio.Task:
-        self.gate.preempt_low()
-        task = asyncio.get_running_loop().create_task(self._analyze_with_retry(channel, audio, start))
-        # Counted from creation to completion; a done callback also runs for a task cancelled
-        # before it started (a finally block in the coroutine would not).
-        self.gate.finals += 1
-        task.add_done_callback(self._final_analysis_done)
+        """A final's analysis at ``Priority.FINAL`` (the lane keeps room for it: no retry)."""
+        coro = self.backend.analyze(
+            audio, self.models, channel, start / SAMPLE_RATE, self.key, priority=Priority.FINAL
+        )
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(_retrieve)
         return task
 
-    def _final_analysis_done(self, task: asyncio.Task) -> None:
-        self.gate.finals -= 1
-        if not task.cancelled():
-            task.exception()  # retrieved here so that an unused speculative failure is not logged
-
-    async def _analyze_with_retry(self, channel: int, audio: np.ndarray, start: int) -> UtteranceOutput:
-        delay = 0.2
-        for attempt in range(6):
-            try:
-                return await self.backend.analyze(audio, self.models, channel, start / SAMPLE_RATE, self.key)
-            except Exception as exc:
-                if not _is_transient(exc) or attempt == 5:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
-
     def _speculate(self, channel: int, ev: Candidate) -> None:
-        if not self.gate.speculation_allowed(self.backend):
+        if not self.backend.asr_idle():
             return
         task = self._analysis_task(channel, ev.audio, ev.start)
         self._spec[(channel, ev.utterance)] = _Spec(ev.start, ev.end, task)
@@ -564,35 +563,36 @@ class StreamSession:
     # --- partials and interims (low priority, may be skipped) --------------------------------
 
     def _low_priority(self, channel: int, ev, fn) -> None:
-        if channel in self._low_busy or not self.gate.low_priority_allowed(self.backend):
-            if isinstance(ev, PartialDue):
+        """One partial/interim pass per channel at a time, at ``Priority.PARTIAL``; a pass the ASR
+        lane refuses, sheds or drops late is a skip (partials thin out under load)."""
+        is_partial = isinstance(ev, PartialDue)
+        if channel in self._low_busy:
+            if is_partial:
                 self.counters.partials_skipped += 1
             return
         self._low_busy.add(channel)
-        self.gate.low += 1
-        started = threading.Event()
 
         async def run() -> None:
             try:
-                await fn(channel, ev, started)
-            except Exception as exc:  # a lost partial is harmless; log it
-                log.info("stream %s: low-priority pass failed: %s", self.session_id, exc)
+                await fn(channel, ev)
+            except Exception as exc:
+                if is_partial and _skippable(exc):
+                    self.counters.partials_skipped += 1
+                elif not _skippable(exc):  # a lost partial is harmless; log it
+                    log.info("stream %s: low-priority pass failed: %s", self.session_id, exc)
 
         def done(task: asyncio.Task) -> None:
-            self.gate.low -= 1
             self._low_busy.discard(channel)
-            if task.cancelled() and isinstance(ev, PartialDue):
+            if task.cancelled() and is_partial:
                 self.counters.partials_skipped += 1
 
         task = asyncio.get_running_loop().create_task(run())
         task.add_done_callback(done)
-        if isinstance(ev, PartialDue):
-            self.gate.track_low(task, started)
         self._low_tasks.add(task)
         task.add_done_callback(self._low_tasks.discard)
 
-    async def _partial(self, channel: int, ev: PartialDue, started: threading.Event) -> None:
-        words = await self.backend.transcribe_words(ev.audio, self.key, started)
+    async def _partial(self, channel: int, ev: PartialDue) -> None:
+        words = await self.backend.transcribe_words(ev.audio, self.key)
         agreement = self._agreements.get((channel, ev.utterance))
         if agreement is None or self._open.get(channel) != ev.utterance:
             self.counters.partials_skipped += 1  # the utterance ended meanwhile: its final says it all
@@ -611,9 +611,15 @@ class StreamSession:
             )
         )
 
-    async def _interim(self, channel: int, ev: InterimDue, started: threading.Event) -> None:
+    async def _interim(self, channel: int, ev: InterimDue) -> None:
         out = await self.backend.analyze(
-            ev.audio, self.models, channel, ev.start / SAMPLE_RATE, self.key, count_audio=False
+            ev.audio,
+            self.models,
+            channel,
+            ev.start / SAMPLE_RATE,
+            self.key,
+            count_audio=False,
+            priority=Priority.PARTIAL,
         )
         if self._open.get(channel) != ev.utterance:
             return
@@ -632,23 +638,10 @@ class StreamSession:
 # --- the real backend --------------------------------------------------------------------------
 
 
-def _fast_words(recognizer, audio16k: np.ndarray) -> list[str]:
-    """Words of a partial pass: greedy decoding without word timestamps (the alignment pass that
-    word timestamps need costs ~30 % more and partials need no timings)."""
-    model = getattr(recognizer, "_model", None)
-    if model is None:  # not the faster-whisper wrapper we know: the full path
-        return [w.word for w in recognizer.transcribe(audio16k).words]
-    segments, _info = model.transcribe(
-        np.asarray(audio16k, dtype=np.float32),
-        language=recognizer.language,
-        beam_size=1,
-        temperature=0.0,
-        word_timestamps=False,
-        without_timestamps=True,
-        vad_filter=False,
-        condition_on_previous_text=False,
-    )
-    return " ".join(s.text for s in segments).split()
+def _retrieve(task: asyncio.Task) -> None:
+    """Retrieve a final analysis' exception so that an unused speculative failure is not logged."""
+    if not task.cancelled():
+        task.exception()
 
 
 class ServiceBackend:
@@ -661,9 +654,24 @@ class ServiceBackend:
         ids, include_ensemble = self.service.resolve_models(models)
         return ids + (["ensemble"] if include_ensemble else [])
 
-    async def analyze(self, audio16k, models, channel, offset_s, key, count_audio=True) -> UtteranceOutput:
+    def _low_timeout(self, priority: Priority) -> float | None:
+        """Partial/interim results are stale after a few seconds: do not wait for them longer."""
+        if priority != Priority.PARTIAL:
+            return None
+        return float(self.service.settings.asr_partial_timeout_s)
+
+    async def analyze(
+        self, audio16k, models, channel, offset_s, key, count_audio=True, priority=Priority.FINAL
+    ) -> UtteranceOutput:
         r = await self.service.analyze_utterance(
-            audio16k, models, channel=channel, offset_s=offset_s, key=key, count_audio=count_audio
+            audio16k,
+            models,
+            channel=channel,
+            offset_s=offset_s,
+            key=key,
+            count_audio=count_audio,
+            priority=priority,
+            timeout_s=self._low_timeout(priority),
         )
         return UtteranceOutput(
             text=r.text,
@@ -672,18 +680,12 @@ class ServiceBackend:
             extra={"language": r.language, "timing_ms": r.timing_ms.model_dump()},
         )
 
-    async def transcribe_words(self, audio16k, key, started=None) -> list[str]:
-        engine = self.service.engine
-        recognizer = engine.analyzer.recognizer
-
-        def job() -> list[str]:
-            if started is not None:
-                started.set()
-            return _fast_words(recognizer, audio16k)
-
-        # Its own key: a queued partial must not sit ahead of this stream's finals in FIFO order.
-        return await engine.run_cpu(f"{key}-partial", job)
+    async def transcribe_words(self, audio16k, key) -> list[str]:
+        transcript = await self.service.transcribe(
+            audio16k, key=key, priority=Priority.PARTIAL, timeout_s=self._low_timeout(Priority.PARTIAL)
+        )
+        return [w.word for w in transcript.words] if transcript.words else transcript.text.split()
 
     def asr_idle(self) -> bool:
-        pool = getattr(self.service.engine, "pool", None)
-        return pool is None or len(pool) == 0
+        lane = getattr(self.service.engine, "asr_lane", None)
+        return lane is None or lane.waiting(Priority.FINAL) == 0
