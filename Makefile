@@ -45,11 +45,13 @@ serve: $(VENV)/.serve
 
 test: $(VENV)/.test system-deps
 	$(PY) -m ruff check app training tests bench
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check app training tests bench
 	$(PY) -m ruff format --check app training tests bench
+	$(PY) -m mypy
 
 format: $(VENV)/.test
 	$(PY) -m ruff format app training tests bench

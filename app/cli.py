@@ -2,7 +2,7 @@
 
 * ``serve [--host --port --log-level]``: the HTTP server (uvicorn, one worker: the models, the ASR
   pool and the batchers live in one process and share its cores).
-* ``predict FILE... [--models a,b] [--channels mix|separate] [--words]``: the same pipeline
+* ``predict FILE... [--models a,b] [--channels mix|separate] [--words] [--segmentation utterance|whole]``: the same pipeline
   in-process; one JSON object per line on stdout (the /v1/predict response plus ``file``; a failed
   file gives ``{"file", "error", "detail"}``); exit status 1 when any file failed.
 * ``stream``: added by ``app.streaming.client.add_parser`` when that module exists.
@@ -35,6 +35,8 @@ def _settings():
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.api.limits import server_options
+
     s = _settings()
     level = (args.log_level or s.log_level).lower()
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=1,
         log_level=level,
         proxy_headers=True,
+        **server_options(s),  # header size and read deadline, keep-alive, concurrency (app/api/limits.py)
     )
     return 0
 
@@ -72,7 +75,13 @@ async def _predict_files(args: argparse.Namespace, out) -> int:
                 audio = await service.engine.run_cpu(None, decode, path, args.channels, _limits(settings))
                 decode_ms = (time.perf_counter() - t0) * 1000.0
                 response = await service.predict(
-                    audio, models, args.channels, args.words, source="cli", decode_ms=decode_ms
+                    audio,
+                    models,
+                    args.channels,
+                    args.words,
+                    args.segmentation,
+                    source="cli",
+                    decode_ms=decode_ms,
                 )
                 line = {"file": path, **response.model_dump(mode="json")}
             except Exception as exc:
@@ -123,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--channels", choices=["mix", "separate"], default="mix")
     pred.add_argument("--words", action="store_true", help="include word timings")
+    pred.add_argument(
+        "--segmentation",
+        choices=["utterance", "whole"],
+        default="utterance",
+        help="one result per utterance (as /v1/predict and streaming cut them) or per channel",
+    )
     pred.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     pred.set_defaults(func=cmd_predict)
 
@@ -131,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from app.streaming.client import add_parser as add_stream_parser
     except ImportError:
-        add_stream_parser = None  # not available in this build
-    if add_stream_parser is not None:
+        pass  # not available in this build
+    else:
         add_stream_parser(sub)
     # ---------------------------------------------------------------------------------------------
     return parser

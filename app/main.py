@@ -2,7 +2,8 @@
 
 Start-up (lifespan): open the session store (when ``app.store`` provides ``open_store``), then load
 the models and warm them up *in the background*, so ``/healthz`` answers at once and ``/readyz``
-turns 200 when everything is ready (503 before, or after a failed start, with the reason).
+turns 200 when everything is ready (503 before, or after a failed start, with the reason). A failed
+start also turns ``/healthz`` to 503 (``app.state.start_error``), so an orchestrator restarts us.
 Shutdown stops the engine and closes the store.
 
 Routes: ``/healthz``, ``/readyz``, ``/metrics`` (open); ``/v1/predict``, ``/predict``, ``/v1/models``
@@ -23,7 +24,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.api import errors as api_errors
-from app.api import health, predict, sessions, stream
+from app.api import health, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
 from app.api.auth import require_api_key
 from app.service import EmotionService
@@ -35,11 +36,12 @@ log = logging.getLogger(__name__)
 _UNSET = object()
 
 
-async def _start_service(service: EmotionService) -> None:
+async def _start_service(app: FastAPI, service: EmotionService) -> None:
     try:
         await service.start()
-    except Exception:  # logged by the engine; /readyz reports it
-        log.error("the service failed to start; /readyz stays 503")
+    except Exception as exc:  # logged by the engine; /healthz and /readyz report it (503)
+        app.state.start_error = f"{type(exc).__name__}: {exc}"
+        log.error("the service failed to start (%s); /healthz and /readyz answer 503", exc)
 
 
 def create_app(
@@ -53,7 +55,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         opened = store is _UNSET
         app.state.store = open_store(settings) if opened else store
-        app.state.start_task = asyncio.create_task(_start_service(service), name="service-start")
+        app.state.start_task = asyncio.create_task(_start_service(app, service), name="service-start")
         try:
             yield
         finally:
@@ -73,12 +75,16 @@ def create_app(
             "models and their ensemble. Errors are JSON `{error, detail}`."
         ),
         lifespan=lifespan,
+        responses=api_errors.VALIDATION_RESPONSES,  # every route: our {error, detail}, not FastAPI's 422
     )
     app.state.settings = settings
     app.state.service = service
     app.state.store = None if store is _UNSET else store
+    app.state.start_error = None  # set when start-up fails: /healthz turns 503
 
     api_errors.install(app)
+    # outside ErrorMiddleware, which turns the BodyReadTimeout raised in the app's receive into 408 JSON
+    app.add_middleware(limits.BodyDeadlineMiddleware, timeout_s=settings.body_read_timeout_s)
     app.add_middleware(api_metrics.MetricsMiddleware)  # outside ErrorMiddleware: sees final statuses
     if settings.cors_origins:
         app.add_middleware(
@@ -92,7 +98,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(api_metrics.router)
     secured = [Depends(require_api_key)]
-    app.include_router(predict.router, dependencies=secured)
+    app.include_router(predict.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     app.include_router(stream.router, dependencies=secured)
-    app.include_router(sessions.router, dependencies=secured)
+    app.include_router(sessions.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     return app

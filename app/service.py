@@ -34,10 +34,9 @@ import numpy as np
 from app import metrics
 from app.analysis.asr import MAX_SAMPLES
 from app.analysis.audio import SAMPLE_RATE, Audio, ChannelMode
-from app.analysis.inputs import model_inputs
 from app.analysis.segmenter import Span, UtterancePolicy, split_utterances
 from app.errors import NoSpeechError, NotReadyError, UnknownModelError
-from app.inference.engine import Engine
+from app.inference.engine import Engine, analysis_inputs
 from app.inference.ensemble import combine
 from app.inference.scheduler import Priority
 from app.schemas import Emotion, ModelEmotion, ModelInfo, PredictResponse, Timing, UtteranceResult, WordOut
@@ -204,7 +203,7 @@ class EmotionService:
         duration = len(audio16k) / SAMPLE_RATE
         analysis = await self.engine.analyze(audio16k, key=key, priority=priority, timeout_s=timeout_s)
         t0 = _ms()
-        inputs = model_inputs(analysis, max_words=self.engine.analyzer.config.max_words)
+        inputs = analysis_inputs(analysis, self.engine.analyzer)
         probs = await asyncio.gather(*(self.engine.infer(mid, inputs, timeout_s=timeout_s) for mid in ids))
         inference_ms = _ms() - t0
         if count_audio:  # predict() counts its whole input instead

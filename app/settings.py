@@ -139,8 +139,29 @@ class Settings(BaseSettings):
     stream_realtime_slack_s: float = Field(2.0, description="audio ahead of wall time before a warning")
     store_ended_ttl_s: float = Field(7 * 86400.0, description="ended sessions are forgotten after this")
     redis_prefix: str = "emotion:"
+    redis_max_connections: int = Field(
+        100, ge=1, description="Redis connections for commands (a busy pool makes callers wait, up to 10 s)"
+    )
+    redis_max_long_polls: int = Field(
+        256, ge=1, description="Redis connections reserved for long polls (XREAD BLOCK); beyond -> 503"
+    )
     sessions_max_wait_s: float = Field(
         60.0, description="cap on the long-poll wait of /v1/sessions/{id}/results"
+    )
+
+    # --- HTTP server limits (app/api/limits.py: uvicorn/h11 options and the body-read deadline) -----
+    http_max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="largest request line + headers; beyond -> 431 and close"
+    )
+    http_header_timeout_s: float = Field(
+        10.0, ge=0, description="request headers must be complete this long after they start; else 408"
+    )
+    body_read_timeout_s: float = Field(
+        120.0, ge=0, description="a request body must arrive within this of its first read, else 408; 0 = off"
+    )
+    http_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    http_limit_concurrency: int = Field(
+        1000, ge=0, description="open connections + requests beyond which uvicorn answers 503 (0 = none)"
     )
 
     @field_validator("api_keys", "cors_origins", "models", mode="before")

@@ -206,27 +206,37 @@ async def run_level(
 
 
 def asr_baseline(clips: list[tuple[Path, bytes, float]]) -> dict:
-    """faster-whisper alone on the same clips, sequentially, with the server's ASR settings."""
-    from app.analysis.asr import Recognizer
-    from app.analysis.audio import decode
-    from app.inference.engine import ThreadPlan
-    from app.settings import Settings
+    """Plain faster-whisper (``WhisperModel.transcribe``, the bundled model, all cores, beam 1,
+    English, word timestamps, no VAD), sequentially on the same clips: what a user would get from
+    the ASR library alone, the yardstick for the whole request."""
+    from faster_whisper import WhisperModel
 
-    s = Settings()
-    plan = ThreadPlan.from_settings(s)
-    rec = Recognizer.from_settings(s, cpu_threads=plan.asr_threads, num_workers=1)
+    from app.analysis.asr import bundled_model_path
+    from app.analysis.audio import decode
+    from app.inference.engine import available_cores
+
+    cores = available_cores()
+    model = WhisperModel(str(bundled_model_path()), device="cpu", compute_type="int8", cpu_threads=cores)
     audios = [decode(data).mono for _, data, _ in clips]
-    rec.transcribe(audios[0])  # warm-up
+
+    def transcribe(audio):
+        segments, _ = model.transcribe(
+            audio, beam_size=1, language="en", word_timestamps=True, vad_filter=False, temperature=0.0
+        )
+        return list(segments)
+
+    transcribe(audios[0])  # warm-up
     times = []
     for a in audios:
         t0 = time.perf_counter()
-        rec.transcribe(a)
+        transcribe(a)
         times.append(time.perf_counter() - t0)
     return {
-        "device": rec.device,
-        "compute_type": rec.compute_type,
-        "cpu_threads": plan.asr_threads,
-        "beam_size": s.asr_beam_size,
+        "what": "faster_whisper.WhisperModel.transcribe alone",
+        "device": "cpu",
+        "compute_type": "int8",
+        "cpu_threads": cores,
+        "beam_size": 1,
         "clips": len(times),
         "mean_s": round(statistics.fmean(times), 4),
         "p50_s": round(percentile(times, 0.5), 4),

@@ -17,6 +17,6 @@ def fixtures_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def analyzer():
-    from app.analysis.analyzer import Analyzer
+    from app.analysis.analyzer import AnalyzerSpec
 
-    return Analyzer()
+    return AnalyzerSpec(device="cpu", cpu_threads=2).build()

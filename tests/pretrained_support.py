@@ -21,10 +21,17 @@ PLAN = {"actor_01": "neutral", "actor_02": "sad", "actor_03": "happy", "actor_04
 
 
 class MemoRecognizer:
-    """Wraps a Recognizer: each distinct audio is transcribed once per session (tests only)."""
+    """Wraps a Recognizer: each distinct audio is transcribed once per session (tests only). Every
+    other attribute (identity, compute type, window...) is the wrapped recognizer's."""
 
     def __init__(self, inner):
         self.inner, self._memo, self._lock = inner, {}, threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def transcribe_batch(self, audios):
+        return [self.transcribe(a) for a in audios]
 
     def transcribe(self, audio: np.ndarray):
         key = hashlib.sha256(np.ascontiguousarray(audio, np.float32).tobytes()).hexdigest()
@@ -60,11 +67,12 @@ def write_manifest(tmp: Path) -> Path:
 
 def fill_cache(manifest: Path, cache_root: Path, analyzer) -> str:
     """Analyse the manifest's clips into ``cache_root`` with ``analyzer``; returns the digest."""
-    from training.cache import FeatureCache, prepare
+    from training.cache import FeatureCache, prepare, utterance_clips
     from training.data import load_dataset
 
     cache = FeatureCache(cache_root, analyzer.config)
-    prepare(load_dataset("manifest", manifest), CLASSES, cache, (), analyzer=analyzer, progress=False)
+    clips, _ = utterance_clips(load_dataset("manifest", manifest), analyzer.config, cache_root)
+    prepare(clips, CLASSES, cache, (), analyzer=analyzer, progress=False)
     return cache.digest
 
 

@@ -112,12 +112,11 @@ def make_settings(tmp: Path, **overrides):
 
 @functools.lru_cache(maxsize=1)
 def shared_analyzer():
-    """One real Analyzer (bundled tiny.en + MiniLM) for every serving test in the process."""
-    from app.analysis.analyzer import Analyzer
-    from app.analysis.asr import Recognizer
-    from app.analysis.text import TextEncoder
+    """One real Analyzer (bundled tiny.en + MiniLM), built as the server builds it, for every
+    serving test in the process."""
+    from app.analysis.analyzer import AnalyzerSpec
 
-    return Analyzer(Recognizer(device="cpu", cpu_threads=2), TextEncoder(threads=1))
+    return AnalyzerSpec(device="cpu", cpu_threads=2).build()
 
 
 def make_service(tmp: Path, **overrides):

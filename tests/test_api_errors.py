@@ -256,10 +256,11 @@ def test_not_ready_when_start_fails(tmp_path):
             if service.state == "failed":
                 break
             time.sleep(0.05)
-        assert c.get("/healthz").status_code == 200
+        time.sleep(0.1)  # the start task records the failure right after the state flips
+        expect(c.get("/healthz"), 503, "start_failed")  # failed, not loading: restart the process
         r = c.get("/readyz")
-        body = expect(r, 503, "not_ready")
-        assert "no-such-model" in body["detail"]
+        assert r.status_code == 503 and r.json()["error"] == "not_ready", r.text
+        assert "no-such-model" in r.json()["detail"] and "no-such-model" in r.json()["checks"]["models"]
         assert "Retry-After" in r.headers
         r = upload(c, ANGRY.read_bytes())
         expect(r, 503, "not_ready")

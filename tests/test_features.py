@@ -268,21 +268,6 @@ def test_waveform_chunks() -> None:
     assert np.all(short[0, 1000:] == 0.0)
 
 
-def test_segment_frames() -> None:
-    x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2) + 1.0
-    seg, mask = F.segment_frames(x, 3)
-    assert seg.shape == (3, 3, 2) and seg.dtype == np.float32
-    np.testing.assert_array_equal(seg.reshape(9, 2)[:7], x)
-    assert np.all(seg[2, 1:] == 0.0)
-    np.testing.assert_array_equal(mask, np.ones(3, dtype=np.float32))
-
-    seg, mask = F.segment_frames(x[:6], 3)
-    assert seg.shape == (2, 3, 2) and mask.shape == (2,)
-
-    seg, mask = F.segment_frames(np.zeros((0, 5), dtype=np.float32), 300)
-    assert seg.shape == (1, 300, 5) and np.all(seg == 0.0) and mask.tolist() == [1.0]
-
-
 def test_frame_confidence_rule() -> None:
     w = lambda start, end, confidence: SimpleNamespace(start=start, end=end, confidence=confidence)  # noqa: E731
     words = [w(0.0, 0.10, 0.5), w(0.20, 0.30, 0.8), w(0.25, 0.40, 0.3), w(0.60, 0.60, 0.2)]

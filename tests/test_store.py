@@ -286,3 +286,127 @@ def test_sqlite_uses_wal(tmp_path):
     run(body())
     mode = sqlite3.connect(tmp_path / "w.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+# --- production hardening: key aliasing, long polls vs. the connection pools ---------------------
+
+
+def test_session_ids_with_colons_do_not_alias(make_store):
+    """`victim:results` is a valid id of its own: it must not name `victim`'s results (Redis keys)."""
+
+    async def body():
+        store = make_store()
+        victim = sid()
+        await store.open_session(victim)
+        await store.append_result(victim, result("sad"))
+        assert await store.delete_session(f"{victim}:results") is False
+        assert await store.delete_session(f"{victim}:events") is False
+        assert [r["seq"] for r in await store.results(victim)] == [1]
+        other = await store.open_session(f"{victim}:results")
+        assert other["id"] == f"{victim}:results" and other["result_count"] == 0
+        assert await store.append_result(f"{victim}:results", result("angry")) == 1
+        assert await store.delete_session(f"{victim}:results") is True
+        view = await store.get_session(victim)
+        assert view["result_count"] == 1 and view["emotion"]["counts"] == {"sad": 1}
+        assert [r["emotion"]["label"] for r in await store.results(victim)] == ["sad"]
+        await store.close()
+
+    run(body())
+
+
+def test_redis_long_poll_outlasts_the_socket_timeout(redis_url):
+    """A wait longer than redis-py's 5 s socket timeout must not fail (it did at 5.0 s)."""
+
+    async def body():
+        store = RedisStore(redis_url, prefix=f"t{next(_prefixes)}:")
+        s = sid()
+        await store.open_session(s)
+
+        async def late_append():
+            await asyncio.sleep(5.4)
+            await store.append_result(s, result())
+
+        t0 = time.monotonic()
+        writer = asyncio.create_task(late_append())
+        got = await store.results(s, after=0, wait_s=8.0)
+        await writer
+        assert [r["seq"] for r in got] == [1]
+        assert 5.3 < time.monotonic() - t0 < 7.5
+        await store.close()
+
+    run(body())
+
+
+def test_redis_long_polls_do_not_starve_writes(redis_url):
+    """150 blocked long polls (more than the old shared pool of 100) must leave room for writes."""
+
+    async def body():
+        store = RedisStore(redis_url, prefix=f"t{next(_prefixes)}:")
+        s = sid()
+        await store.open_session(s)
+        polls = [asyncio.create_task(store.results(s, after=0, wait_s=5.0)) for _ in range(150)]
+        await asyncio.sleep(0.5)  # every poll is blocked in XREAD now
+        assert await store.append_result(s, result()) == 1
+        assert (await store.get_session(s))["result_count"] == 1
+        outcomes = await asyncio.gather(*polls)
+        assert all([r["seq"] for r in got] == [1] for got in outcomes)
+        await store.close()
+
+    run(body())
+
+
+def test_redis_long_polls_beyond_their_pool_are_503(redis_url):
+    from app.errors import status_and_code
+    from app.store import StoreBusy
+
+    async def body():
+        store = RedisStore(redis_url, prefix=f"t{next(_prefixes)}:", max_long_polls=2)
+        s = sid()
+        await store.open_session(s)
+        polls = [asyncio.create_task(store.results(s, wait_s=3.0)) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        with pytest.raises(StoreBusy) as busy:
+            await store.results(s, wait_s=3.0)
+        assert status_and_code(busy.value) == (503, "store_busy") and busy.value.retry_after
+        assert await store.results(s) == []  # non-blocking reads are not limited
+        assert await store.append_result(s, result()) == 1  # and writes still go through
+        assert [[r["seq"] for r in got] for got in await asyncio.gather(*polls)] == [[1], [1]]
+        await store.close()
+
+    run(body())
+
+
+def test_redis_adopts_sessions_of_the_old_key_layout(redis_url):
+    import json
+
+    import redis.asyncio as aioredis
+
+    async def body():
+        prefix = f"t{next(_prefixes)}:"
+        raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        s = sid()
+        old = f"{prefix}session:{s}"
+        body_json = json.dumps({k: v for k, v in result("angry").items()})
+        await raw.hset(
+            old,
+            mapping={
+                "id": s, "state": "active", "source": "rest", "created_at": "1.0", "updated_at": "2.0",
+                "metadata": '{"k": 1}', "last_seq": "1", "result_count": "1", "audio_end": "1.0",
+                "emo_n": "1", "count:angry": "1", "psum:angry": "0.7", "last_result": body_json, "ch:0": "1",
+            },
+        )  # fmt: skip
+        await raw.xadd(old + ":results", {"r": body_json}, id="1-0")
+        await raw.zadd(f"{prefix}sessions", {s: 2.0})
+        await raw.aclose()
+
+        store = RedisStore(redis_url, prefix=prefix)
+        assert [x["id"] for x in await store.list_sessions()] == [s]
+        view = await store.get_session(s)
+        assert view["metadata"] == {"k": 1} and view["emotion"]["counts"] == {"angry": 1}
+        assert [r["seq"] for r in await store.results(s)] == [1]
+        assert await store.append_result(s, result()) == 2
+        await store.close_session(s)
+        assert (await store.get_session(s))["state"] == "ended"
+        await store.close()
+
+    run(body())

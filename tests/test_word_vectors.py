@@ -97,7 +97,7 @@ def test_analyzer_takes_words_static_from_glove(analyzer, glove, fixtures_dir):
     # the digest names the file; the default digest is untouched; settings give the same config
     cfg = with_glove.config
     assert cfg.word_vectors == wv.identity and cfg.digest() != FeatureConfig().digest()
-    assert plain.config.digest() == FeatureConfig().digest() == "313dcb849f9227be"
+    assert plain.config.digest() == FeatureConfig().digest() == "e5fa9553902d4820"
     assert FeatureConfig.for_parts(glove=path) == cfg
     assert FeatureConfig.from_settings(Settings(glove_path=str(path))) == cfg
     with pytest.raises(ValueError, match="feature config"):

@@ -253,24 +253,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
 
     p = command("evaluate", "cross-validate one model and write a run report (no export)")
-    _add_data(p), _add_protocol(p), _add_training(p)
+    _add_data(p)
+    _add_protocol(p)
+    _add_training(p)
 
     p = command("train", "cross-validate one model, then train the final model and export it")
-    _add_data(p), _add_protocol(p), _add_training(p), _add_export(p)
+    _add_data(p)
+    _add_protocol(p)
+    _add_training(p)
+    _add_export(p)
 
     p = command(
         "export",
         "train the final model on all speakers and export ONNX + card (epoch count from --report, "
         "else from an inner validation split)",
     )
-    _add_data(p), _add_protocol(p), _add_training(p), _add_export(p)
+    _add_data(p)
+    _add_protocol(p)
+    _add_training(p)
+    _add_export(p)
     p.add_argument(
         "--report",
         help="CV run report (dir or report.json): its median best epoch and metrics go to the card",
     )
 
     p = command("baseline", "logistic regression on pooled Whisper encoder frames, same folds")
-    _add_data(p), _add_protocol(p)
+    _add_data(p)
+    _add_protocol(p)
     p.add_argument(
         "--speaker-norm",
         action="store_true",
@@ -295,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "cache + baseline + CV and export of every model + ensemble + models/RESULTS.md; by default on "
         "RAVDESS actors 01-18, 4class, speaker-independent 6-fold CV (3 actors per fold)",
     )
-    _add_data(p), _add_protocol(p), _add_training(p, need_model=False), _add_export(p), _add_combine(p)
+    _add_data(p)
+    _add_protocol(p)
+    _add_training(p, need_model=False)
+    _add_export(p)
+    _add_combine(p)
     p.add_argument(
         "--models", nargs="+", choices=MODEL_IDS, default=list(MODEL_IDS), help="models to run (default: all)"
     )
@@ -594,7 +607,7 @@ def cmd_train_defaults(args) -> None:
     rows = [cmd_baseline(args).report]
     members = []
     for model_id in args.models:
-        overrides = {}
+        overrides: dict[str, object] = {}  # the default variant of each model
         res, samples = run_cv(ctx, model_id, overrides)
         card, final = run_export(ctx, model_id, overrides, samples, res.report)
         res.report["_final_seconds"] = final.seconds

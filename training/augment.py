@@ -98,6 +98,6 @@ def augment_batch(
         if name in FRAME_INPUTS and name in stats:
             mean, std = stats[name]
             out[name] = augment_frames(x, mean, std, cfg, rng)
-        elif name in WAVEFORM_INPUTS and INPUTS[name].mask in arrays:
-            out[name] = augment_waveform(x, arrays[INPUTS[name].mask], cfg, rng)
+        elif name in WAVEFORM_INPUTS and (mask := INPUTS[name].mask) is not None and mask in arrays:
+            out[name] = augment_waveform(x, arrays[mask], cfg, rng)
     return out

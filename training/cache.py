@@ -99,7 +99,8 @@ class FeatureCache:
     def write(self, key: str, inputs: dict[str, np.ndarray], meta: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         npz_path, meta_path = self.paths(key)
-        _atomic_write(npz_path, lambda fh: np.savez(fh, **inputs), binary=True)
+        # numpy's stub also checks a **dict against savez's `allow_pickle: bool` keyword
+        _atomic_write(npz_path, lambda fh: np.savez(fh, **inputs), binary=True)  # type: ignore[arg-type]
         _atomic_write(meta_path, lambda fh: json.dump(meta, fh, indent=1), binary=False)
 
 
@@ -233,7 +234,7 @@ def prepare(
             analysis = lazy.get().analyze(audio)
             for k, v in analysis.timing_ms.items():
                 stats.analyze_ms[k] = stats.analyze_ms.get(k, 0.0) + float(v)
-            meta = {
+            written = {
                 "key": key,
                 "path": clip.id,
                 "duration_s": len(audio) / cache.config.sample_rate,
@@ -241,7 +242,7 @@ def prepare(
                 "transcript": transcript_json(analysis.transcript),
                 "timing_ms": {k: round(float(v), 2) for k, v in analysis.timing_ms.items()},
             }
-            cache.write(key, model_inputs(analysis, max_words=cache.config.max_words), meta)
+            cache.write(key, model_inputs(analysis, max_words=cache.config.max_words), written)
         bar.set_postfix(hits=stats.hits, misses=stats.misses, refresh=False)
         if names is not None and not names:
             continue

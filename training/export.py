@@ -24,6 +24,7 @@ from app.analysis.inputs import INPUTS, collate
 from training.cache import Sample
 from training.data import DATASET_LICENCES
 from training.models import config_dict
+from training.models.layers import input_names_of
 from training.trainer import variant_of
 
 OPSET = 17
@@ -34,7 +35,7 @@ class WithSoftmax(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.input_names = tuple(model.input_names)
+        self.input_names = input_names_of(model)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(*inputs), dim=-1)
@@ -159,7 +160,7 @@ def export_model(
         raise RuntimeError(
             f"{model_id}: ONNX Runtime differs from torch by {check['max_abs_diff']:.2e} (>= {tolerance})"
         )
-    names = tuple(model.input_names)
+    names = input_names_of(model)
     fc = feature_config or FeatureConfig()
     kind = (dataset or {}).get("kind", "")
     card = {

@@ -12,22 +12,25 @@ from pathlib import Path
 
 import numpy as np
 
+# Class indices: a list or a 1-D integer array.
+Labels = Sequence[int] | np.ndarray
 
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+
+def confusion_matrix(y_true: Labels, y_pred: Labels, n_classes: int) -> np.ndarray:
     """(n_classes, n_classes) counts; rows are the true class, columns the predicted class."""
     cm = np.zeros((n_classes, n_classes), np.int64)
     np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
     return cm
 
 
-def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0:
+def accuracy(y_true: Labels, y_pred: Labels) -> float:
+    true, pred = np.asarray(y_true), np.asarray(y_pred)
+    if true.size == 0:
         return float("nan")
-    return float((y_true == y_pred).mean())
+    return float((true == pred).mean())
 
 
-def per_class_recall(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+def per_class_recall(y_true: Labels, y_pred: Labels, n_classes: int) -> np.ndarray:
     """Recall of each class; NaN for a class absent from ``y_true``."""
     cm = confusion_matrix(y_true, y_pred, n_classes)
     support = cm.sum(axis=1)
@@ -35,13 +38,13 @@ def per_class_recall(y_true: Sequence[int], y_pred: Sequence[int], n_classes: in
         return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
 
 
-def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> float:
+def balanced_accuracy(y_true: Labels, y_pred: Labels, n_classes: int) -> float:
     recalls = per_class_recall(y_true, y_pred, n_classes)
     present = recalls[~np.isnan(recalls)]
     return float(present.mean()) if present.size else float("nan")
 
 
-def summarize(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:
+def summarize(y_true: Labels, y_pred: Labels, classes: Sequence[str]) -> dict:
     """JSON-ready metric block: accuracy, balanced_accuracy, per-class recall, confusion matrix."""
     n = len(classes)
     recalls = per_class_recall(y_true, y_pred, n)

@@ -32,7 +32,7 @@ from training import metrics as M
 from training.augment import AugmentConfig, augment_batch
 from training.cache import Sample
 from training.models import REGISTRY, build_model, config_dict
-from training.models.layers import SeedEnsemble
+from training.models.layers import SeedEnsemble, input_names_of
 from training.protocols import Fold
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def variant_of(cfg) -> str:
     ``layer_norm``/``audio``), plus any non-default ``preset``."""
     if cfg is None:
         return "default"
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     parts = []
     if hasattr(cfg, "variant"):
         parts.append(str(cfg.variant))
@@ -176,6 +176,7 @@ def compute_stats(
             count += len(rows)
         if not count:
             continue
+        assert total is not None and sq is not None  # count > 0: the first sample set them
         mean = total / count
         std = np.sqrt(np.maximum(sq / count - np.square(mean), 0.0))
         stats[name] = (mean.astype(np.float32), std.astype(np.float32))
@@ -225,7 +226,7 @@ def predict_proba(
 ) -> np.ndarray:
     device = device or next(model.parameters()).device
     model.eval()
-    names = tuple(model.input_names)
+    names = input_names_of(model)
     out = [
         torch.softmax(model(*x), dim=-1).cpu().numpy() for x, _ in batches(samples, names, batch_size, device)
     ]
@@ -540,7 +541,7 @@ def train_final(
     are held out to find the best epoch first. Returns the fit and a description for the card."""
     from training.protocols import final_split
 
-    how = {"epochs_from": "given", "val_speakers": []}
+    how: dict[str, object] = {"epochs_from": "given", "val_speakers": []}
     if epochs is None:
         split = final_split([s.clip for s in samples], settings.seed, n_val)
         probe = fit(

@@ -9,8 +9,8 @@ the training cache and every model card) changes whenever a feature could.
 ``Analyzer`` exposes the work as batch stages, so a scheduler can batch utterances of different
 requests and streams: ``transcribe_batch`` (ASR, ``app.analysis.asr``), ``finish_batch`` (text
 encoder on the batch, optional speech encoder and word vectors), and ``analyze_batch`` (both).
-Acoustic inputs are not computed here: ``app.analysis.inputs`` computes only those the loaded
-models declare.
+Acoustic inputs are not computed here: the engine's ASR lane calls ``app.analysis.inputs.
+model_inputs`` for exactly the inputs its loaded models declare, in the lane's thread.
 
 Thread-safety: ``Analyzer`` holds the ASR model, the text encoder and the optional speech encoder and
 word vectors, all safe to call from several threads (CTranslate2 and ONNX Runtime sessions are
@@ -207,6 +207,7 @@ class Analysis:
     timing_ms: dict[str, float] = field(default_factory=dict)
     speech_frames: np.ndarray | None = None  # (S, 150, H) wav2vec2 frames per 3-s segment, if configured
     word_vectors: np.ndarray | None = None  # (W, D) GloVe vector per word of ``text``, if configured
+    inputs: dict[str, np.ndarray] | None = None  # model inputs, when the engine computed them
 
     @property
     def duration_s(self) -> float:
@@ -302,16 +303,15 @@ class Analyzer:
                 t1 = _now_ms()
                 frames = self.speech_encoder.segment_frames(audio)
                 timing["speech_encoder"] = _now_ms() - t1
-            out.append(
-                Analysis(
-                    audio=audio,
-                    transcript=tr,
-                    text=text,
-                    timing_ms=timing,
-                    speech_frames=frames,
-                    word_vectors=vectors,
-                )
+            analysis = Analysis(
+                audio=audio,
+                transcript=tr,
+                text=text,
+                timing_ms=timing,
+                speech_frames=frames,
+                word_vectors=vectors,
             )
+            out.append(analysis)
         return out
 
     def analyze_batch(self, audios: Sequence[np.ndarray]) -> list[Analysis]:

@@ -342,10 +342,10 @@ class Recognizer:
             for i, tr in zip(idx, self._transcribe_group([audios[i] for i in idx], window), strict=True):
                 out[i] = tr
         elapsed = (time.perf_counter() - t0) * 1000.0
-        for tr in out:
-            assert tr is not None
-            tr.timing_ms.update(asr=elapsed, asr_batch=float(len(audios)))
-        return [tr for tr in out if tr is not None]
+        for res in out:
+            assert res is not None  # every index is in exactly one group
+            res.timing_ms.update(asr=elapsed, asr_batch=float(len(audios)))
+        return [res for res in out if res is not None]
 
     def _transcribe_group(self, audios: Sequence[np.ndarray], window: int) -> list[Transcript]:
         mels, content = zip(*(self.log_mel(a) for a in audios), strict=True)
@@ -432,28 +432,3 @@ def _subset(frames: np.ndarray, idx: list[int]):
     import ctranslate2
 
     return ctranslate2.StorageView.from_array(np.ascontiguousarray(frames[idx]))
-
-
-@dataclass(frozen=True)
-class SpeechRegion:
-    start: int  # samples
-    end: int
-
-
-def speech_regions(
-    audio: np.ndarray,
-    threshold: float = 0.5,
-    min_silence_ms: int = 500,
-    speech_pad_ms: int = 200,
-    max_speech_s: float = 30.0,
-) -> list[SpeechRegion]:
-    """Silero VAD (the ONNX model faster-whisper ships) over 16-kHz audio."""
-    from faster_whisper.vad import VadOptions, get_speech_timestamps
-
-    opts = VadOptions(
-        threshold=threshold,
-        min_silence_duration_ms=min_silence_ms,
-        speech_pad_ms=speech_pad_ms,
-        max_speech_duration_s=max_speech_s,
-    )
-    return [SpeechRegion(int(r["start"]), int(r["end"])) for r in get_speech_timestamps(audio, opts)]

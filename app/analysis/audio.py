@@ -312,6 +312,7 @@ def _decode_stream(container, limits: AudioLimits) -> tuple[np.ndarray, int]:
         total += len(arr)
     if not chunks:
         raise EmptyAudioError("the audio stream contains no samples")
+    assert ref is not None  # set by the first frame, which also appended the first chunk
     return np.concatenate(chunks, axis=0), int(ref[1])
 
 

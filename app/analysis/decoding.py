@@ -94,7 +94,7 @@ def _ping() -> int:
     return os.getpid()
 
 
-def _decode_job(raw: bytes, channels: str, limits: AudioLimits):
+def _decode_job(raw: bytes, channels: ChannelMode, limits: AudioLimits):
     """The default job: ``audio.decode_local``, returned as (samples, source_rate, source_channels)."""
     from app.analysis import audio
 
@@ -102,7 +102,7 @@ def _decode_job(raw: bytes, channels: str, limits: AudioLimits):
     return out.samples, int(out.source_rate), int(out.source_channels)
 
 
-def _guarded(job, raw: bytes, channels: str, limits: AudioLimits, timeout_s: float):
+def _guarded(job, raw: bytes, channels: ChannelMode, limits: AudioLimits, timeout_s: float):
     """Run ``job`` under the time limit, mapping whatever it raises to an ``AudioError``."""
     import signal
 
@@ -255,7 +255,7 @@ class DecodePool:
 
     # --- one job -----------------------------------------------------------------------------
 
-    def _run(self, slot: _Slot, raw: bytes, channels: str, limits: AudioLimits):
+    def _run(self, slot: _Slot, raw: bytes, channels: ChannelMode, limits: AudioLimits):
         from app.analysis import audio
 
         try:
@@ -314,7 +314,7 @@ def _kill(executor: ProcessPoolExecutor) -> None:
             pass
 
 
-def _checked(samples, rate, n_channels, channels: str, limits: AudioLimits) -> Audio:
+def _checked(samples, rate, n_channels, channels: ChannelMode, limits: AudioLimits) -> Audio:
     """Re-validate what a worker sent back before anyone uses it (bounded, finite float32)."""
     import numpy as np
 

@@ -172,7 +172,7 @@ _SLANEY_MIN_LOG_MEL = _SLANEY_MIN_LOG_HZ / _SLANEY_F_SP
 _SLANEY_LOGSTEP = math.log(6.4) / 27.0
 
 
-def _hz_to_mel(hz: np.ndarray, htk: bool) -> np.ndarray:
+def _hz_to_mel(hz: float | np.ndarray, htk: bool) -> np.ndarray:
     """Hz to mel: HTK ``2595 log10(1 + f/700)``, or Slaney (linear below 1 kHz, log above)."""
     hz = np.asarray(hz, dtype=np.float64)
     if htk:
@@ -524,24 +524,6 @@ def waveform_chunks(audio: np.ndarray, chunk_s: float = 0.25, shift_s: float = 0
     if len(audio) < chunk:
         audio = np.pad(audio, (0, chunk - len(audio)))
     return np.lib.stride_tricks.sliding_window_view(audio, chunk)[::shift].copy()
-
-
-def segment_frames(x: np.ndarray, frames_per_segment: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split (T, D) frames into (S, L, D) segments, the last zero-padded, with a (S,) mask of ones.
-
-    ``S = max(1, ceil(T / L))``: T == 0 gives one all-zero segment. The mask marks real segments,
-    all of them here; it exists so batches of utterances can be padded with masked-out segments.
-    """
-    if frames_per_segment < 1:
-        raise ValueError("frames_per_segment must be >= 1")
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"expected (T, D) frames, got shape {x.shape}")
-    n_t, dim = x.shape
-    n_seg = max(1, -(-n_t // frames_per_segment))
-    out = np.zeros((n_seg * frames_per_segment, dim), dtype=np.float32)
-    out[:n_t] = x
-    return out.reshape(n_seg, frames_per_segment, dim), np.ones(n_seg, dtype=np.float32)
 
 
 def frame_confidence(

@@ -429,7 +429,7 @@ def inputs_for(model_input_names: Iterable[str]) -> tuple[str, ...]:
     models' together): those names and their masks, in registry order. Unknown names raise
     ``KeyError``, so a model reading an input nobody produces fails when it is loaded, not per request."""
     wanted = set(_known(model_input_names))
-    wanted |= {INPUTS[n].mask for n in wanted if INPUTS[n].mask}
+    wanted |= {mask for n in wanted if (mask := INPUTS[n].mask)}
     return tuple(n for n in INPUTS if n in wanted)
 
 

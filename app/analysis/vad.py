@@ -1,6 +1,6 @@
 """Streaming Silero VAD: the ONNX model faster-whisper ships, fed 32-ms windows as audio arrives.
 
-``get_speech_timestamps`` (used by ``app.analysis.asr.speech_regions``) runs the model over a whole clip; the
+faster-whisper's ``get_speech_timestamps`` runs the model over a whole clip; the
 model is recurrent (``h``/``c`` state plus 64 samples of left context), so feeding it one 512-sample
 window at a time with the state carried over gives exactly the same probabilities (checked in
 ``tests/test_streaming_state.py``). One window costs ~0.1 ms on a CPU core.

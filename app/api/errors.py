@@ -4,7 +4,10 @@
   other package's errors that adopt it) -> that status;
 * FastAPI/pydantic request validation -> 422 ``invalid_request`` (replacing FastAPI's own shape);
 * Starlette HTTP errors (404, 405, ...) -> their status, code from the status;
+* a client disconnect mid-request (``ClientDisconnect``) -> 499 ``client_closed``, logged at INFO;
 * anything else -> 500 ``internal_error``, logged with its traceback; the detail reveals nothing.
+
+503s (load shedding, not ready) are logged at INFO, other 5xx at WARNING.
 
 ``ErrorMiddleware`` catches what the routers raise, so no exception reaches the server's error
 middleware (which would re-raise it). Thread-safety: stateless; safe on any event loop.
@@ -19,12 +22,16 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.errors import UnauthorizedError, status_and_code
+from app.schemas import ErrorBody
 
 log = logging.getLogger("app.api")
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": a disconnect mid-request, not a 500
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -40,6 +47,14 @@ _HTTP_CODES = {
 }
 
 
+# OpenAPI ``responses`` declarations, so the documented error bodies are the ones actually sent.
+_Responses = dict[int | str, dict[str, object]]
+VALIDATION_RESPONSES: _Responses = {
+    422: {"model": ErrorBody, "description": "invalid request (`invalid_request`, or a more precise code)"}
+}
+AUTH_RESPONSES: _Responses = {401: {"model": ErrorBody, "description": "missing or invalid API key"}}
+
+
 def error_json(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None, count: bool = True
 ) -> JSONResponse:
@@ -50,12 +65,19 @@ def error_json(
 
 def error_response(exc: BaseException) -> JSONResponse:
     """The response for any exception raised while serving a request."""
+    if isinstance(exc, ClientDisconnect):
+        # The client went away mid-request (e.g. mid-upload): not a server fault. Nobody reads this
+        # answer; it records 499 (nginx's "client closed request") in the HTTP metrics.
+        log.info("client disconnected before the request was read")
+        return error_json(CLIENT_CLOSED, "client_closed", "the client closed the connection")
     mapped = status_and_code(exc)
     if mapped is None:
         log.error("unhandled error: %r", exc, exc_info=exc)
         return error_json(500, "internal_error", "internal server error (logged)")
     status, code = mapped
-    if status >= 500:
+    if status == 503:  # load shedding / not ready: expected under load, the metric is enough
+        log.info("%s (%d): %s", code, status, exc)
+    elif status >= 500:
         log.warning("%s (%d): %s", code, status, exc)
     headers = {}
     retry_after = getattr(exc, "retry_after", None)
@@ -75,11 +97,13 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-async def _on_validation_error(request, exc: RequestValidationError) -> JSONResponse:
+async def _on_validation_error(request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # registered for this exception type only
     return error_json(422, "invalid_request", _validation_detail(exc))
 
 
-async def _on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+async def _on_http_error(request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # registered for this exception type only
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return error_json(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

@@ -13,7 +13,7 @@ ASR) runs in the service's worker pool, never on the event loop.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -50,7 +50,7 @@ class PredictOptions(BaseModel):
 
 
 def _options(query: dict[str, object], fields: dict[str, str]) -> PredictOptions:
-    merged = {k: v for k, v in fields.items() if k in PredictOptions.model_fields}
+    merged: dict[str, object] = {k: v for k, v in fields.items() if k in PredictOptions.model_fields}
     merged.update({k: v for k, v in query.items() if v is not None})
     try:
         return PredictOptions.model_validate(merged)
@@ -68,7 +68,7 @@ def _limits(settings) -> AudioLimits:
     )
 
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "malformed request, unknown model, missing file"},
     401: {"model": ErrorBody, "description": "missing or wrong API key"},
     413: {
@@ -80,7 +80,7 @@ _ERRORS = {
     503: {"model": ErrorBody, "description": "loading or overloaded; see Retry-After"},
     504: {"model": ErrorBody, "description": "not served before the request deadline"},
 }
-_BODY = {
+_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -161,7 +161,7 @@ async def predict(
         decode_ms=decode_ms,
         key=key,
     )
-    if opts.session_id:
+    if opts.session_id and store is not None:  # a session id without a store was refused above
         if await store.get_session(opts.session_id) is None:
             await store.open_session(opts.session_id, source="rest")
         response.session_id = opts.session_id
@@ -171,26 +171,30 @@ async def predict(
     return response
 
 
-_DOC = dict(
-    response_model=PredictResponse,
-    responses=_ERRORS,
-    openapi_extra=_BODY,
-    summary="Transcript and emotion of an audio file",
-    description=(
-        "Upload audio as multipart field `file` or as the raw body with `Content-Type: audio/*`. Speech is split "
-        "into utterances per channel (Silero VAD; 500 ms of silence ends one, at most 15 s; the same cut as "
-        "streaming), or kept whole with `segmentation=whole`; each gets a transcript and per-model emotion "
-        "probabilities; `emotion` is their duration-weighted mean. Errors are `{error, detail}`."
-    ),
+_DESCRIPTION = (
+    "Upload audio as multipart field `file` or as the raw body with `Content-Type: audio/*`. Speech is split "
+    "into utterances per channel (Silero VAD; 500 ms of silence ends one, at most 15 s; the same cut as "
+    "streaming), or kept whole with `segmentation=whole`; each gets a transcript and per-model emotion "
+    "probabilities; `emotion` is their duration-weighted mean. Errors are `{error, detail}`."
 )
-router.add_api_route("/v1/predict", predict, methods=["POST"], **_DOC)
-router.add_api_route(
-    "/predict",
-    predict,
-    methods=["POST"],
-    include_in_schema=True,
-    **{**_DOC, "summary": "Alias of /v1/predict"},
-)
+
+
+def _add_predict_route(path: str, summary: str) -> None:
+    router.add_api_route(
+        path,
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_BODY,
+        summary=summary,
+        description=_DESCRIPTION,
+        include_in_schema=True,
+    )
+
+
+_add_predict_route("/v1/predict", "Transcript and emotion of an audio file")
+_add_predict_route("/predict", "Alias of /v1/predict")
 
 
 class ModelsResponse(BaseModel):

@@ -11,7 +11,8 @@
 * ``DELETE /v1/sessions/{id}``: 204; the session and its results are gone.
 
 Unknown ids: 404 ``{"error": "session_not_found", "detail": ...}``; no session store: 503
-``store_unavailable``. The API key applies as on every /v1 route (``app.main`` adds it).
+``store_unavailable``; every long-poll connection of the store in use: 503 ``store_busy`` with
+Retry-After. The API key applies as on every /v1 route (``app.main`` adds it).
 Thread-safety: stateless handlers over the shared store.
 """
 
@@ -26,7 +27,17 @@ from app.errors import ServiceError, StoreUnavailableError
 from app.schemas import Emotion, ErrorBody, WordOut
 from app.streaming.protocol import SESSION_ID_PATTERN
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(
+    prefix="/v1/sessions",
+    tags=["sessions"],
+    responses={
+        503: {
+            "model": ErrorBody,
+            "description": "no session store (`store_unavailable`), or too many long polls (`store_busy`, "
+            "with Retry-After)",
+        }
+    },
+)
 
 
 class SessionNotFoundError(ServiceError):
@@ -85,7 +96,7 @@ class ResultsOut(BaseModel):
     results: list[StoredResult]
 
 
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "unknown session id"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "unknown session id"}}
 SessionId = Path(pattern=SESSION_ID_PATTERN, description="session id")
 
 

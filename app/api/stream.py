@@ -75,6 +75,7 @@ import uuid
 
 from fastapi import APIRouter
 from pydantic import ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app import metrics
@@ -165,15 +166,34 @@ class _Connection:
             pass
 
 
+MAX_JSON_DEPTH = 32  # nesting of a client message (metadata included); deeper -> 1007
+
+
+def _too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``value`` (parsed JSON) nests containers deeper than ``limit`` (iterative)."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def _parse(text: str, limit: int):
     if len(text.encode()) > limit:
         raise StreamClose(TOO_BIG, "message_too_big", f"JSON messages are limited to {limit} bytes")
     try:
         raw = json.loads(text)
+    except RecursionError:  # nesting deeper than the parser's recursion limit: malformed, not a fault
+        raise StreamClose(INVALID, "invalid_payload", "not JSON: nested too deeply") from None
     except ValueError as exc:
         raise StreamClose(INVALID, "invalid_payload", f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise StreamClose(INVALID, "invalid_payload", "a message must be a JSON object")
+    if _too_deep(raw):  # would fail later (storing, echoing metadata) far from the client's mistake
+        raise StreamClose(INVALID, "invalid_payload", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     kind = raw.get("type")
     if kind not in CLIENT_TYPES:
         raise StreamClose(
@@ -184,6 +204,9 @@ def _parse(text: str, limit: int):
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or kind}: {e['msg']}" for e in exc.errors())
         raise StreamClose(INVALID, "invalid_payload", f"invalid {kind} message: {errors}") from None
+    except (RecursionError, ValueError) as exc:  # e.g. metadata nested too deeply for the validator
+        detail = f"invalid {kind} message: {type(exc).__name__}"
+        raise StreamClose(INVALID, "invalid_payload", detail) from None
 
 
 def _check_start(start: StartMessage, settings) -> None:
@@ -205,7 +228,7 @@ def _check_start(start: StartMessage, settings) -> None:
         )
 
 
-async def _receive(ws: WebSocket, timeout_s: float) -> dict:
+async def _receive(ws: WebSocket, timeout_s: float) -> Message:
     try:
         return await asyncio.wait_for(ws.receive(), timeout_s if timeout_s > 0 else None)
     except asyncio.TimeoutError:

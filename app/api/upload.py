@@ -11,7 +11,7 @@ Thread-safety: stateless coroutines.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -47,7 +47,7 @@ def check_content_length(request: Request, limit: int) -> None:
         raise _too_large(limit)
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     total = 0
     async for chunk in request.stream():
         total += len(chunk)

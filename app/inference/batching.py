@@ -135,6 +135,7 @@ class DynamicBatcher(Generic[T, R]):
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(item, future, now, now + timeout))
         self._depth.set(len(self._queue))
+        assert self._wakeup is not None  # made by start(), and self.running was checked above
         self._wakeup.set()
         try:
             # wait_for cancels the future on timeout: the batching loop then skips the item.
@@ -151,20 +152,22 @@ class DynamicBatcher(Generic[T, R]):
             self._depth.set(len(self._queue))
 
     async def _next_batch(self) -> list[_Pending[T]]:
+        wakeup = self._wakeup
+        assert wakeup is not None  # start() makes it before it starts the loop that calls this
         while True:
             self._prune()
             if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
             # Wait for a full batch, but never beyond max_wait after the oldest request arrived.
             while len(self._queue) < self.max_batch_size:
                 remaining = self._queue[0].enqueued_at + self.max_wait_s - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wakeup.clear()
+                wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await asyncio.wait_for(wakeup.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
                 self._prune()

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from app import metrics
-from app.analysis.inputs import collate, model_inputs
+from app.analysis.inputs import collate, inputs_for, model_inputs
 from app.errors import InferenceError, NotReadyError, ServiceError
 from app.inference.batching import DynamicBatcher
 from app.inference.ensemble import load_weights
@@ -127,6 +127,14 @@ def _parts_note(feature_config: dict | None) -> str:
     parts = {k: (feature_config or {}).get(k, default[k]) for k in keys}
     named = ", ".join(f"{k}={v}" for k, v in parts.items() if v != default[k])
     return f" ({named})" if named else " (default parts)" if feature_config else ""
+
+
+def analysis_inputs(analysis, analyzer) -> dict[str, np.ndarray]:
+    """The model inputs of an analysis: those the ASR lane computed (off the event loop), or all of
+    them for an analysis made elsewhere (test doubles)."""
+    if getattr(analysis, "inputs", None) is not None:
+        return analysis.inputs
+    return model_inputs(analysis, max_words=analyzer.config.max_words)
 
 
 def sha256_file(path: Path) -> str:
@@ -254,7 +262,9 @@ class ModelRunner:
             raise InferenceError(
                 f"model {self.card.id} needs input {exc} that the pipeline does not provide"
             ) from exc
-        feed = {name: batch[name].astype(dtype, copy=False) for name, dtype in self.inputs}
+        feed: dict[str, np.ndarray] = {
+            name: batch[name].astype(dtype, copy=False) for name, dtype in self.inputs
+        }
         try:
             (probs,) = self.session.run([self.output_name], feed)
         except Exception as exc:
@@ -289,13 +299,14 @@ def warmup_audio(seconds: float = 1.0) -> np.ndarray:
 class Engine:
     """Loads the models and the Analyzer, runs warm-up, and serves ``analyze`` / ``infer``."""
 
-    def __init__(self, settings, analyzer=None):
+    def __init__(self, settings, analyzer=None) -> None:
         self.settings = settings
         self.plan = ThreadPlan.from_settings(settings)
         self.analyzer = analyzer
         self.cards: dict[str, ModelCard] = {}
         self.ensemble_weights: dict[str, float] | None = None  # None = plain mean (app.inference.ensemble)
         self.runners: dict[str, ModelRunner] = {}
+        self.input_names: tuple[str, ...] = ()  # the inputs the loaded models declare (+ masks)
         self.batchers: dict[str, DynamicBatcher] = {}
         self.classes: tuple[str, ...] = ()
         self.asr_lane: Lane | None = None
@@ -376,7 +387,7 @@ class Engine:
                 )
         self.providers = choose_providers(s.device)
         self.classes = next(iter(cards.values())).classes
-        runners = {}
+        runners: dict[str, ModelRunner] = {}
         for mid, card in cards.items():
             quiet = CUDA in self.providers and s.device == "auto" and not runners
             if quiet:  # a CUDA provider that cannot load logs an ERROR per session; we explain it once below
@@ -398,6 +409,8 @@ class Engine:
             runners[mid] = runner
             metrics.MODEL_INFO.labels(model=mid, variant=card.variant, provider=runner.provider).set(1)
         self.cards, self.runners = cards, runners
+        # the ASR lane computes exactly the inputs the loaded models declare, off the event loop
+        self.input_names = inputs_for(n for r in runners.values() for n in r.input_names)
         self.ensemble_weights = load_weights(s.model_dir, {m: c.sha256 for m, c in cards.items()})
         log.info("ensemble: %s", self.ensemble_weights or "plain mean")
 
@@ -435,14 +448,14 @@ class Engine:
         """One dummy utterance through ASR and every model (first-run allocations, lazy inits)."""
         t0 = time.perf_counter()
         analysis = await self.analyze(warmup_audio(), key="warmup")
-        inputs = model_inputs(analysis, max_words=self.analyzer.config.max_words)
+        inputs = analysis_inputs(analysis, self.analyzer)
         for mid, batcher in self.batchers.items():
             probs = await batcher.submit(inputs)
             log.info("warm-up %s: %s", mid, np.round(probs, 3).tolist())
         # Silero VAD loads lazily: load it now rather than on the first request.
-        from app.analysis.asr import speech_regions
+        from app.analysis.segmenter import split_utterances
 
-        await self.run_cpu("warmup", speech_regions, warmup_audio())
+        await self.run_cpu("warmup", split_utterances, warmup_audio())
         log.info("warm-up done in %.2f s", time.perf_counter() - t0)
 
     async def stop(self) -> None:
@@ -519,7 +532,11 @@ class Engine:
         full = [i for i, r in enumerate(requests) if r.full]
         if full:
             analyses = analyzer.finish_batch([audios[i] for i in full], [results[i] for i in full])
+            max_words = analyzer.config.max_words
             for i, analysis in zip(full, analyses, strict=True):
+                t0 = time.perf_counter()
+                analysis.inputs = model_inputs(analysis, self.input_names, max_words)
+                analysis.timing_ms["features"] = (time.perf_counter() - t0) * 1000.0
                 results[i] = analysis
         return results
 

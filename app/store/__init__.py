@@ -8,7 +8,7 @@ shutdown.
 from __future__ import annotations
 
 from app.store.base import SessionStore
-from app.store.common import SessionNotFound
+from app.store.common import SessionNotFound, StoreBusy
 
 
 def open_store(settings=None) -> SessionStore:
@@ -23,8 +23,15 @@ def open_store(settings=None) -> SessionStore:
     if kind == "redis":
         from app.store.redis import RedisStore
 
-        return RedisStore(s.redis_url, prefix=s.redis_prefix, ended_ttl_s=s.store_ended_ttl_s)
+        return RedisStore(
+            s.redis_url,
+            prefix=s.redis_prefix,
+            ended_ttl_s=s.store_ended_ttl_s,
+            max_connections=s.redis_max_connections,
+            max_long_polls=s.redis_max_long_polls,
+            max_block_s=s.sessions_max_wait_s,
+        )
     raise ValueError(f"unknown session store {s.store!r}: expected sqlite or redis")
 
 
-__all__ = ["SessionNotFound", "SessionStore", "open_store"]
+__all__ = ["SessionNotFound", "SessionStore", "StoreBusy", "open_store"]

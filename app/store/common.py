@@ -29,6 +29,17 @@ class SessionNotFound(KeyError):
     """The session does not exist (never created, deleted, or expired)."""
 
 
+class StoreBusy(Exception):
+    """Every connection reserved for long polls is in use: retry later (HTTP 503 + Retry-After).
+
+    Follows the ``status``/``code`` convention of ``app.errors`` so the API maps it by itself.
+    """
+
+    status = 503
+    code = "store_busy"
+    retry_after: float | None = 1.0
+
+
 def check_source(source: str) -> str:
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")

@@ -2,12 +2,23 @@
 
 Keys (``P`` = ``settings.redis_prefix``, default ``emotion:``)::
 
-    P session:<id>          hash   id state source created_at updated_at ended_at metadata(json)
-                                   last_seq result_count audio_end emo_n last_result(json)
-                                   ch:<n>=1  count:<label>=int  psum:<label>=float
-    P session:<id>:results  stream one entry per result, entry id "<seq>-0", field r = result json
-    P session:<id>:events   stream "ended" / "deleted" markers that wake long polls
-    P sessions              zset   session id scored by updated_at (listing, newest first)
+    P session{<id>}          hash   id state source created_at updated_at ended_at metadata(json)
+                                    last_seq result_count audio_end emo_n last_result(json)
+                                    ch:<n>=1  count:<label>=int  psum:<label>=float
+    P session{<id>}:results  stream one entry per result, entry id "<seq>-0", field r = result json
+    P session{<id>}:events   stream "ended" / "deleted" markers that wake long polls
+    P sessions               zset   session id scored by updated_at (listing, newest first)
+
+The id sits between braces, which the session id pattern forbids, so no id can name another
+session's keys (the old ``P session:<id>`` layout let ``victim:results`` alias the results stream
+of ``victim``). Sessions written by that old layout are adopted on first touch (the scripts, and a
+read that finds nothing, ``RENAME`` the old keys to the new ones, TTLs kept) when their id has no
+``:``; old sessions whose id contains ``:`` are ambiguous and are not read.
+
+Connections: commands go through a bounded pool that waits (``BlockingConnectionPool``) instead of
+failing when all connections are busy; long polls (``XREAD BLOCK``) use a separate pool of their
+own (``max_long_polls`` connections, read timeout longer than the longest block), so blocked polls
+can never starve writes. A long poll beyond that pool's size raises ``StoreBusy`` (HTTP 503).
 
 Sequence numbers: a Lua script (atomic on the server) increments ``last_seq`` in the hash and
 XADDs the result with the entry id ``<seq>-0`` together with the aggregate updates, so replicas
@@ -28,9 +39,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
-from redis.exceptions import WatchError
+from redis.exceptions import MaxConnectionsError, WatchError
 
 from app.store.common import (
     ACTIVE,
@@ -38,11 +49,23 @@ from app.store.common import (
     RawSession,
     ResultStats,
     SessionNotFound,
+    StoreBusy,
     check_source,
     check_state,
     session_view,
     stamp,
 )
+
+# Prelude of every write script (prepended at registration): adopt a session written by the old
+# key layout (KEYS[5..7], passed only for ids without ':') when the new hash does not exist.
+# RENAME keeps TTLs.
+_ADOPT = """
+if #KEYS > 4 and redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('RENAME', KEYS[5], KEYS[1])
+  if redis.call('EXISTS', KEYS[6]) == 1 then redis.call('RENAME', KEYS[6], KEYS[2]) end
+  if redis.call('EXISTS', KEYS[7]) == 1 then redis.call('RENAME', KEYS[7], KEYS[3]) end
+end
+"""
 
 # KEYS: hash, results stream, events stream, index zset. ARGV: now, result json, channel, end,
 # session id, label ('' = none), then label/probability pairs.
@@ -114,6 +137,12 @@ def _num(value: str | None, default: float = 0.0) -> float:
     return float(value) if value not in (None, "") else default
 
 
+# The client is made with decode_responses=True, so every reply is str; redis-py's annotations
+# cannot express that (they say bytes | str, or an awaitable-or-value union), hence the casts below.
+_Hash = dict[str, str]
+_StreamEntries = list[tuple[str, dict[str, str]]]
+
+
 class RedisStore:
     """``SessionStore`` over Redis; see the module docstring for the key layout."""
 
@@ -123,22 +152,62 @@ class RedisStore:
         prefix: str = "emotion:",
         ended_ttl_s: float = 7 * 86400.0,
         client=None,
+        max_connections: int = 100,
+        max_long_polls: int = 256,
+        max_block_s: float = 60.0,
+        pool_timeout_s: float = 10.0,
     ):
         import redis.asyncio as aioredis
+        from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool, parse_url
 
         self.prefix = prefix
         self.ended_ttl_s = ended_ttl_s
-        self._r = client or aioredis.Redis.from_url(url, decode_responses=True)
-        self._append = self._r.register_script(_APPEND)
-        self._open = self._r.register_script(_OPEN)
-        self._close = self._r.register_script(_CLOSE)
-        self._delete = self._r.register_script(_DELETE)
+        self.max_long_polls = max(1, int(max_long_polls))
+        self.max_block_s = max(0.001, float(max_block_s))
+        self._long_polls = 0  # XREAD BLOCKs in flight (one event loop: a plain counter is enough)
+        if client is not None:  # injected client (tests): used for everything
+            self._r = self._rb = client
+        else:
+            # Our options override the URL's query string (from_url would let the URL win).
+            opts: dict[str, Any] = {**parse_url(url), "decode_responses": True}  # connection kwargs
+            opts.pop("max_connections", None)
+            self._r = aioredis.Redis.from_pool(
+                BlockingConnectionPool(
+                    **opts, max_connections=max(1, int(max_connections)), timeout=pool_timeout_s
+                )
+            )
+            # Blocking reads: a read timeout longer than the longest XREAD BLOCK, and a pool of their
+            # own so that waiting polls never hold the connections that writes need.
+            self._rb = aioredis.Redis.from_pool(
+                ConnectionPool(
+                    **{**opts, "socket_timeout": self.max_block_s + 10.0},
+                    max_connections=self.max_long_polls,
+                )
+            )
+        self._append = self._r.register_script(_ADOPT + _APPEND)
+        self._open = self._r.register_script(_ADOPT + _OPEN)
+        self._close = self._r.register_script(_ADOPT + _CLOSE)
+        self._delete = self._r.register_script(_ADOPT + _DELETE)
+        self._adopt_script = self._r.register_script(_ADOPT)
 
     # --- keys ----------------------------------------------------------------------------------
 
     def _keys(self, session_id: str) -> list[str]:
-        base = f"{self.prefix}session:{session_id}"
-        return [base, base + ":results", base + ":events", self.prefix + "sessions"]
+        """hash, results, events, index; then the old layout's three keys when they can be adopted."""
+        base = f"{self.prefix}session{{{session_id}}}"
+        keys = [base, base + ":results", base + ":events", self.prefix + "sessions"]
+        if ":" not in session_id:  # the old layout is unambiguous only for such ids
+            old = f"{self.prefix}session:{session_id}"
+            keys += [old, old + ":results", old + ":events"]
+        return keys
+
+    async def _adopt(self, session_id: str) -> bool:
+        """Adopt a session of the old key layout; True when one was found (reads that miss call it)."""
+        keys = self._keys(session_id)
+        if len(keys) <= 4 or not await self._r.exists(keys[4]):
+            return False
+        await self._adopt_script(keys=keys, args=[])
+        return True
 
     @staticmethod
     def _raw(h: dict[str, str]) -> RawSession:
@@ -195,7 +264,7 @@ class RedisStore:
                         break
                     except WatchError:  # someone wrote in between: read again
                         continue
-        return session_view(self._raw(await self._r.hgetall(keys[0])))
+        return session_view(self._raw(cast(_Hash, await self._r.hgetall(keys[0]))))
 
     async def close_session(self, session_id: str) -> None:
         await self._close(
@@ -221,8 +290,14 @@ class RedisStore:
             raise SessionNotFound(session_id)
         return seq
 
+    async def ping(self) -> None:
+        """Cheap health check (``/readyz``): PING on the command pool."""
+        await self._r.ping()
+
     async def get_session(self, session_id: str) -> dict | None:
-        h = await self._r.hgetall(self._keys(session_id)[0])
+        h = cast(_Hash, await self._r.hgetall(self._keys(session_id)[0]))
+        if not h and await self._adopt(session_id):
+            h = cast(_Hash, await self._r.hgetall(self._keys(session_id)[0]))
         return session_view(self._raw(h)) if h else None
 
     async def list_sessions(self, state: str | None = None, limit: int = 100) -> list[dict]:
@@ -234,7 +309,7 @@ class RedisStore:
         page, start = 200, 0
         # Bounded scan, newest first: a state filter may skip entries, expired ones are cleaned up.
         while len(out) < limit and start < 100_000:
-            ids = await self._r.zrevrange(index, start, start + page - 1)
+            ids = cast(list[str], await self._r.zrevrange(index, start, start + page - 1))
             if not ids:
                 break
             start += page
@@ -242,6 +317,9 @@ class RedisStore:
             for sid in ids:
                 pipe.hgetall(self._keys(sid)[0])
             hashes = await pipe.execute()
+            for i, (sid, h) in enumerate(zip(ids, hashes, strict=True)):
+                if not h and await self._adopt(sid):  # a session of the old key layout
+                    hashes[i] = await self._r.hgetall(self._keys(sid)[0])
             stale = [sid for sid, h in zip(ids, hashes, strict=True) if not h]
             if stale:
                 await self._r.zrem(index, *stale)
@@ -256,30 +334,44 @@ class RedisStore:
     async def results(
         self, session_id: str, after: int = 0, wait_s: float = 0.0, limit: int = 1000
     ) -> list[dict]:
-        h_key, r_key, e_key, _ = self._keys(session_id)
+        h_key, r_key, e_key = self._keys(session_id)[:3]
         limit = max(1, int(limit))
         after = max(0, int(after))
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hget(h_key, "state")
-        pipe.xrange(r_key, f"{after + 1}-0", "+", count=limit)
-        pipe.xrevrange(e_key, "+", "-", count=1)
-        state, entries, last_event = await pipe.execute()
+        for attempt in range(2):
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hget(h_key, "state")
+            pipe.xrange(r_key, f"{after + 1}-0", "+", count=limit)
+            pipe.xrevrange(e_key, "+", "-", count=1)
+            state, entries, last_event = await pipe.execute()
+            if state is not None or attempt or not await self._adopt(session_id):
+                break
         if entries or state != ACTIVE or wait_s <= 0:
             return self._decode(session_id, entries)
         # Block for a newer result or an end/delete marker. The marker id read in the same
         # transaction closes the race with a close between the check and the wait.
         event_id = last_event[0][0] if last_event else "0-0"
-        block_ms = max(1, int(wait_s * 1000))
-        got = await self._r.xread({r_key: f"{after}-0", e_key: event_id}, count=limit, block=block_ms)
+        block_ms = max(1, int(min(wait_s, self.max_block_s) * 1000))
+        if self._long_polls >= self.max_long_polls:
+            raise StoreBusy(f"{self._long_polls} long polls are waiting already; retry later")
+        self._long_polls += 1
+        try:
+            got = cast(
+                "list[tuple[str, _StreamEntries]] | None",
+                await self._rb.xread({r_key: f"{after}-0", e_key: event_id}, count=limit, block=block_ms),
+            )
+        except MaxConnectionsError as exc:  # pool shared with another store instance: same answer
+            raise StoreBusy("every long-poll connection is in use; retry later") from exc
+        finally:
+            self._long_polls -= 1
         for stream, stream_entries in got or []:
             if stream == r_key:
                 return self._decode(session_id, stream_entries)
         # Woken by a marker (or timed out): answer with whatever exists now.
-        entries = await self._r.xrange(r_key, f"{after + 1}-0", "+", count=limit)
+        entries = cast(_StreamEntries, await self._r.xrange(r_key, f"{after + 1}-0", "+", count=limit))
         return self._decode(session_id, entries)
 
     @staticmethod
-    def _decode(session_id: str, entries) -> list[dict]:
+    def _decode(session_id: str, entries: _StreamEntries) -> list[dict]:
         return [
             stamp(json.loads(fields["r"]), session_id, int(eid.split("-", 1)[0])) for eid, fields in entries
         ]
@@ -289,6 +381,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._r.aclose()
+        if self._rb is not self._r:
+            await self._rb.aclose()
 
 
 __all__ = ["RedisStore", "ENDED"]

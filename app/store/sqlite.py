@@ -188,7 +188,9 @@ class SQLiteStore:
                     "UPDATE sessions SET state = ?, updated_at = ?, ended_at = NULL, metadata = ? WHERE id = ?",
                     (ACTIVE, now, json.dumps(merged), session_id),
                 )
-            return self._get_raw(conn, session_id)
+            fresh = self._get_raw(conn, session_id)
+            assert fresh is not None  # written just above, in this same transaction
+            return fresh
 
         raw = await self._run(self._tx, op)
         return session_view(raw)
@@ -246,6 +248,10 @@ class SQLiteStore:
         seq = await self._run(self._tx, op)
         self._waiters.notify(session_id)
         return seq
+
+    async def ping(self) -> None:
+        """Cheap health check (``/readyz``): one trivial query on the store's connection."""
+        await self._run(lambda: self._db().execute("SELECT 1").fetchone())
 
     async def get_session(self, session_id: str) -> dict | None:
         raw = await self._run(lambda: self._get_raw(self._db(), session_id))

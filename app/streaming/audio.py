@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from app.analysis.audio import SAMPLE_RATE, resample
+from app.analysis.audio import SAMPLE_RATE
 from app.streaming.protocol import ENCODINGS
 
 
@@ -72,11 +72,6 @@ class ChannelResampler:
         if self._stream is None:
             return np.ascontiguousarray(x, dtype=np.float32)
         return self._stream.resample_chunk(np.ascontiguousarray(x, dtype=np.float32), last=last)
-
-
-def resample_clip(x: np.ndarray, rate_in: int) -> np.ndarray:
-    """Whole-clip resampling, for clients and tests (``app.analysis.audio.resample``)."""
-    return resample(x, rate_in, SAMPLE_RATE)
 
 
 class ArrivalClock:

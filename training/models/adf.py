@@ -171,6 +171,7 @@ class AdfConfig:
     @property
     def downsample(self) -> int:
         """Samples per trunk output step: sinc stride times the pooling factors."""
+        assert self.sinc_stride is not None and self.pools is not None  # filled by __post_init__
         return self.sinc_stride * int(np.prod(self.pools))
 
 
@@ -195,6 +196,11 @@ class SincConv(nn.Module):
     window, divided by ``2 (f2 - f1)`` so each filter has unit pass-band gain. Cut-offs start
     mel-spaced. The filters depend only on parameters: ONNX export folds them into a constant.
     """
+
+    t2pi: Tensor  # buffers: (1, K // 2) left halves of 2 pi t and of the window, and mirrored copies
+    window: Tensor
+    t2pi_r: Tensor
+    window_r: Tensor
 
     def __init__(
         self,
@@ -251,6 +257,9 @@ class SincTrunk(nn.Module):
 
     def __init__(self, cfg: AdfConfig):
         super().__init__()
+        # all filled by AdfConfig.__post_init__
+        assert cfg.sinc_filters is not None and cfg.sinc_kernel is not None and cfg.sinc_stride is not None
+        assert cfg.pools is not None and cfg.conv_channels is not None
         self.sinc = SincConv(
             cfg.sinc_filters,
             cfg.sinc_kernel,
@@ -293,6 +302,7 @@ class AudioNet(nn.Module):
         self.trunk = SincTrunk(cfg)
         stride = cfg.shift_samples // self.trunk.downsample
         dims = cfg.audio_dense
+        assert dims is not None  # filled by AdfConfig.__post_init__
         # flatten -> Linear over one chunk == Conv1d(kernel = chunk length) at one position;
         # with stride = shift / D over the whole waveform it visits every chunk exactly.
         self.dense = nn.ModuleList(
@@ -376,6 +386,8 @@ class TextNet(nn.Module):
 
     def __init__(self, cfg: AdfConfig, stats: dict):
         super().__init__()
+        # all filled by AdfConfig.__post_init__
+        assert cfg.text_lstm is not None and cfg.text_filters is not None and cfg.text_dense is not None
         self.norm = InputNorm.from_stats(stats, "words_static", cfg.word_dim)
         self.lstm = MaskedBiLSTM(cfg.word_dim, cfg.text_lstm)
         f = cfg.text_filters
@@ -456,18 +468,24 @@ class Adf(nn.Module):
         self.cfg = cfg
         self.audio = AudioNet(cfg) if cfg.modality in ("both", "audio") else None
         self.text = TextNet(cfg, stats) if cfg.modality in ("both", "text") else None
-        self.fuse = None
+        self.fuse: ModalityAttention | SegmentSelfAttention | None = None
+        # all filled by AdfConfig.__post_init__
+        assert cfg.fusion_dim is not None and cfg.fusion_seg is not None and cfg.fusion_hidden is not None
         if cfg.modality == "audio":
+            assert self.audio is not None
             d_in = self.audio.out_dim
         elif cfg.modality == "text":
+            assert self.text is not None
             d_in = self.text.out_dim
-        elif cfg.fusion == "F-III":
-            self.fuse = ModalityAttention((self.audio.out_dim, self.text.out_dim), cfg.fusion_dim)
-            d_in = cfg.fusion_dim
-        else:
-            d_in = self.audio.out_dim + self.text.out_dim
-            if cfg.fusion == "F-II":
-                self.fuse = SegmentSelfAttention(cfg.fusion_seg, cfg.dropout)
+        else:  # both
+            assert self.audio is not None and self.text is not None
+            if cfg.fusion == "F-III":
+                self.fuse = ModalityAttention((self.audio.out_dim, self.text.out_dim), cfg.fusion_dim)
+                d_in = cfg.fusion_dim
+            else:
+                d_in = self.audio.out_dim + self.text.out_dim
+                if cfg.fusion == "F-II":
+                    self.fuse = SegmentSelfAttention(cfg.fusion_seg, cfg.dropout)
         self.classifier = nn.Sequential(
             nn.Dropout(cfg.dropout),
             nn.Linear(d_in, cfg.fusion_hidden),
@@ -478,7 +496,7 @@ class Adf(nn.Module):
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        names = ()
+        names: tuple[str, ...] = ()
         if self.audio is not None:
             names += ("waveform", "waveform_mask")
         if self.text is not None:

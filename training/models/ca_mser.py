@@ -125,19 +125,21 @@ class MfccBranch(nn.Module):
 
     def __init__(self, cfg: CaMserConfig, stats: dict):
         super().__init__()
+        pool, hidden = cfg.mfcc_pool, cfg.mfcc_hidden
+        assert pool is not None and hidden is not None  # CaMserConfig.__post_init__ fills them
         self.l2 = cfg.mfcc_l2
-        self.pool, self.steps = cfg.mfcc_pool, cfg.seg_frames // cfg.mfcc_pool
+        self.pool, self.steps = pool, cfg.seg_frames // pool
         self.norm = InputNorm.from_stats(stats, "mfcc_seg", cfg.mfcc_dim)
         self.lstm = nn.LSTM(
             cfg.mfcc_dim,
-            cfg.mfcc_hidden,
+            hidden,
             num_layers=cfg.mfcc_layers,
             batch_first=True,
             dropout=cfg.lstm_dropout if cfg.mfcc_layers > 1 else 0.0,
             bidirectional=True,
         )
         self.drop = nn.Dropout(cfg.dropout)
-        self.proj = nn.Linear(self.steps * 2 * cfg.mfcc_hidden, cfg.d)
+        self.proj = nn.Linear(self.steps * 2 * hidden, cfg.d)
 
     def forward(self, x: Tensor) -> Tensor:  # (N, 300, 40) -> (N, d)
         x = self.norm(x) * _nonzero_frames(x)
@@ -162,6 +164,12 @@ def adaptive_avg_matrix(n_in: int, n_out: int) -> Tensor:
     return m
 
 
+def _side(v: int | str | tuple[int, ...]) -> int:
+    """One side of a square conv/pool kernel size, stride or padding (an int or a per-axis tuple)."""
+    assert not isinstance(v, str)  # padding="same"/"valid" is not used in AlexNet's stack
+    return v if isinstance(v, int) else v[0]
+
+
 class AlexNetFeatures(nn.Module):
     """AlexNet's convolutional stack (torchvision layout, so ``features.N.*`` keys load as they are).
 
@@ -169,6 +177,9 @@ class AlexNetFeatures(nn.Module):
     input channels, which is exactly feeding the grey image to all three channels. Output: the
     torchvision ``avgpool`` (adaptive 6 x 6 average) as fixed matrices, (N, C5, 6, 6).
     """
+
+    pool_h: Tensor  # buffers: (6, H) and (6, W) averaging matrices
+    pool_w: Tensor
 
     def __init__(self, widths: tuple[int, ...], image_hw: tuple[int, int]):
         super().__init__()
@@ -197,8 +208,7 @@ class AlexNetFeatures(nn.Module):
         h, w = hw
         for m in self.features:
             if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-                k, s, p = (m.kernel_size, m.stride, m.padding)
-                k, s, p = (v if isinstance(v, int) else v[0] for v in (k, s, p))
+                k, s, p = (_side(v) for v in (m.kernel_size, m.stride, m.padding))
                 h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         return h, w
 
@@ -241,6 +251,7 @@ class SpecBranch(nn.Module):
     def __init__(self, cfg: CaMserConfig, stats: dict):
         super().__init__()
         self.norm = InputNorm.from_stats(stats, "spec_seg", cfg.spec_bins)
+        assert cfg.alexnet_widths is not None  # CaMserConfig.__post_init__ fills it
         self.alexnet = AlexNetFeatures(cfg.alexnet_widths, (cfg.seg_frames, cfg.spec_bins))
         if cfg.alexnet_state_dict:
             self.alexnet.load_pretrained(cfg.alexnet_state_dict)

@@ -53,6 +53,7 @@ Dropout 0.4 everywhere (paper): inputs, attention weights, residual branches, FF
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -206,7 +207,8 @@ class CmtAwc(nn.Module):
         )
         self.pool_a = AttentionPool(d, cfg.pool_hidden)
         self.pool_t = AttentionPool(d, cfg.pool_hidden)
-        self.sa_t = self.sa_a = None
+        self.sa_t: ConfidenceCorrection | None = None
+        self.sa_a: ConfidenceCorrection | None = None
         if cfg.variant == "sa-correction":
             self.sa_t = ConfidenceCorrection(cfg.sa_hidden)
             if cfg.sa_correct_audio:
@@ -260,6 +262,7 @@ class CmtAwc(nn.Module):
 
         conf_a = conf_t = None
         if self.config.variant == "sdpa-correction":
+            assert a_cm is not None and t_cm is not None  # input_names has both CMs for this variant
             conf_a = a_cm.unsqueeze(2) * t_cm.unsqueeze(1)  # (B, T, W): frame CM ⊗ word CM
             conf_t = conf_a.transpose(1, 2)  # (B, W, T)
 
@@ -273,16 +276,22 @@ class CmtAwc(nn.Module):
                 o_a = layer_a(o_a, o_a, a_mask, a_mask)
                 o_t = layer_t(o_t, o_t, t_mask, t_mask)
 
-        corr_a = corr_t = None
-        if self.sa_t is not None:  # eq. 6-7 on the pooling weights
+        corr_a: Callable[[Tensor], Tensor] | None = None
+        corr_t: Callable[[Tensor], Tensor] | None = None
+        sa_a, sa_t = self.sa_a, self.sa_t
+        if sa_t is not None:  # eq. 6-7 on the pooling weights
 
-            def corr_t(alpha: Tensor) -> Tensor:
-                return self.sa_t(alpha, t_cm)
+            def correct_t(alpha: Tensor) -> Tensor:
+                return sa_t(alpha, t_cm)
 
-        if self.sa_a is not None:
+            corr_t = correct_t
 
-            def corr_a(alpha: Tensor) -> Tensor:
-                return self.sa_a(alpha, a_cm)
+        if sa_a is not None:
+
+            def correct_a(alpha: Tensor) -> Tensor:
+                return sa_a(alpha, a_cm)
+
+            corr_a = correct_a
 
         z_a, _ = self.pool_a(o_a, a_mask, corr_a)  # eq. 4-5
         z_t, _ = self.pool_t(o_t, t_mask, corr_t)

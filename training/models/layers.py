@@ -26,7 +26,8 @@ API (kept stable; other model files import it):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -81,6 +82,12 @@ def masked_mean(x: Tensor, mask: Tensor | None, dim: int = 1) -> Tensor:
     return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp(min=1.0)
 
 
+def input_names_of(model: nn.Module) -> tuple[str, ...]:
+    """A model's ``input_names`` (every model has them: see ``training.models``). Typed accessor:
+    ``nn.Module.__getattr__`` types any attribute it does not know as ``Tensor | Module``."""
+    return tuple(cast(Sequence[str], model.input_names))
+
+
 class InputNorm(nn.Module):
     """Standardise the last axis with training-split statistics: ``(x - mean) / std``.
 
@@ -89,6 +96,9 @@ class InputNorm(nn.Module):
     avoid blowing up. With no statistics it is the identity; when ``dim`` is known the buffers still
     exist (zeros / ones), so state dicts have the same keys with and without statistics.
     """
+
+    mean: Tensor  # buffers (absent when the norm is the identity)
+    std: Tensor
 
     def __init__(self, mean=None, std=None, dim: int | None = None):
         super().__init__()
@@ -272,7 +282,7 @@ class SeedEnsemble(nn.Module):
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return tuple(self.members[0].input_names)
+        return input_names_of(self.members[0])
 
     def forward(self, *inputs: Tensor) -> Tensor:
         probs = torch.stack([torch.softmax(m(*inputs), dim=-1) for m in self.members]).mean(dim=0)

@@ -86,7 +86,7 @@ class VGGish(nn.Module):
         layers: list[nn.Module] = []
         in_ch = 1
         for v in (w, "M", 2 * w, "M", 4 * w, 4 * w, "M", 8 * w, 8 * w, "M"):
-            if v == "M":
+            if isinstance(v, str):  # "M"
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
@@ -148,7 +148,7 @@ class ThreeMSer(nn.Module):
             # pretrained VGGish expects raw log-mel; a from-scratch one learns better from z-scores
             self.norm_audio = InputNorm.from_stats({} if pretrained else stats, "logmel_patches", 64)
             self.vggish = VGGish(cfg.vggish_width, cfg.vggish_fc, d)
-            if pretrained:
+            if cfg.vggish_state_dict is not None:  # pretrained
                 load_vggish_state_dict(self.vggish, cfg.vggish_state_dict)
                 self.vggish.requires_grad_(cfg.vggish_trainable)
         self.audio_norm = nn.LayerNorm(d) if cfg.layer_norm else nn.Identity()

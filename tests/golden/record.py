@@ -1,0 +1,74 @@
+"""Record what the shipped models say about the fixture clips: ``tests/golden/shipped.json``.
+
+Run after exporting new models (``make train-defaults``) and commit the file with them:
+
+    .venv/bin/python -m tests.golden.record
+
+``tests/test_golden.py`` then checks that ``create_app()`` with nothing injected (default
+settings, the shipped ``models/``, the bundled ASR and text encoder) still gives these labels and
+probabilities: any change to the feature path that the models were not retrained for shows up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+GOLDEN = Path(__file__).with_name("shipped.json")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+CLIPS = (
+    "kids_angry_a01.flac",
+    "dogs_neutral_a02.flac",
+    "happy_dogs.flac",
+    "angry_kids.flac",
+    "two_utterances.flac",
+)
+
+
+def predict_all(client: TestClient) -> dict[str, dict]:
+    out = {}
+    for name in CLIPS:
+        r = client.post("/v1/predict", files={"file": (name, (FIXTURES / name).read_bytes())})
+        r.raise_for_status()
+        body = r.json()
+        out[name] = {
+            "segments": [
+                {
+                    "start": s["start"],
+                    "end": s["end"],
+                    "text": s["text"],
+                    "label": s["emotion"]["label"],
+                    "per_model": {m: e["probabilities"] for m, e in s["emotion"]["per_model"].items()},
+                }
+                for s in body["segments"]
+            ],
+            "models": {m["id"]: m["sha256"] for m in body["models"]},
+        }
+    return out
+
+
+def wait_ready(client: TestClient, timeout_s: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(client.get("/readyz").text)
+        time.sleep(0.2)
+
+
+def main() -> int:
+    from app.main import create_app
+
+    with TestClient(create_app()) as client:
+        wait_ready(client)
+        GOLDEN.write_text(json.dumps(predict_all(client), indent=1) + "\n")
+    print(f"wrote {GOLDEN}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

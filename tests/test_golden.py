@@ -1,0 +1,52 @@
+"""Golden test: the shipped models, served by ``create_app()`` with nothing injected, give the
+recorded segments, labels and probabilities on the fixture clips (``tests/golden/record.py``).
+
+Default settings throughout (bundled tiny.en, MiniLM, ``models/``): this is what ``make serve``
+runs. A change anywhere on the feature path (decoding, utterance cut, ASR decoding, text
+encoder, acoustic features, the feature digest) that the models were not retrained for fails here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.golden.record import GOLDEN, predict_all, wait_ready
+
+# The same machine reproduces the probabilities to ~1e-6; another CPU's int8/float kernels may
+# round differently, so the check allows 0.01 per probability and requires identical labels, text
+# and utterance times.
+PROB_TOLERANCE = 0.01
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from app.main import create_app
+    from app.settings import Settings
+
+    # default settings; only the session database goes to a temporary file
+    settings = Settings(sqlite_path=tmp_path_factory.mktemp("golden") / "sessions.db")
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        yield predict_all(client)
+
+
+def test_shipped_models_give_the_recorded_results(served):
+    golden = json.loads(GOLDEN.read_text())
+    assert served.keys() == golden.keys()
+    for clip, want in golden.items():
+        got = served[clip]
+        assert got["models"] == want["models"], "models/ changed: re-record tests/golden/shipped.json"
+        assert len(got["segments"]) == len(want["segments"]), clip
+        for g, w in zip(got["segments"], want["segments"], strict=True):
+            assert (g["start"], g["end"], g["text"], g["label"]) == (
+                w["start"],
+                w["end"],
+                w["text"],
+                w["label"],
+            )
+            for model, probs in w["per_model"].items():
+                for label, p in probs.items():
+                    assert abs(g["per_model"][model][label] - p) <= PROB_TOLERANCE, (clip, model, label)
