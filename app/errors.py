@@ -63,6 +63,24 @@ class UnauthorizedError(ServiceError):
     code = "unauthorized"
 
 
+class ForbiddenOriginError(ServiceError):
+    """A browser request (``Origin`` header) from an origin not in ``EMOTION_CORS_ORIGINS``."""
+
+    status = 403
+    code = "origin_not_allowed"
+
+
+class RateLimitedError(ServiceError):
+    """Too many failed authentications from one address, or too many requests with one key (429)."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class OverloadedError(ServiceError):
     """A bounded queue is full: the client should retry later (503 + Retry-After)."""
 
@@ -82,6 +100,12 @@ class QueueFull(OverloadedError):
 
 class NotReadyError(OverloadedError):
     code = "not_ready"
+
+
+class MemoryBudgetError(OverloadedError):
+    """Admitting this request would exceed a memory budget (upload bytes or decoded samples in flight)."""
+
+    code = "memory_budget"
 
 
 class DecoderBusyError(OverloadedError):

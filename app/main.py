@@ -26,7 +26,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.api import errors as api_errors
 from app.api import health, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
-from app.api.auth import require_api_key
+from app.api.auth import RateLimits, install_log_redaction, require_api_key
+from app.inference.admission import Admission
 from app.service import EmotionService
 from app.settings import Settings, get_settings
 from app.store import open_store
@@ -44,6 +45,34 @@ async def _start_service(app: FastAPI, service: EmotionService) -> None:
         log.error("the service failed to start (%s); /healthz and /readyz answer 503", exc)
 
 
+async def _recover_sessions(store, settings: Settings) -> None:
+    """End the stream sessions a previous process left active (crash, kill -9): ``server_restart``."""
+    recover = getattr(store, "recover", None)
+    if recover is None:
+        return
+    try:
+        ended = await recover(stream_stale_s=settings.stream_stale_s)
+    except Exception as exc:  # the store may come up later; /readyz reports it
+        log.warning("could not end the sessions left by a previous server: %s", exc)
+        return
+    if ended:
+        log.info("ended %d stream session(s) left active by a previous server (server_restart)", ended)
+
+
+async def _sweep_sessions(store, settings: Settings) -> None:
+    """Every ``store_sweep_every_s``: end idle REST sessions and streams of dead servers."""
+    sweep = getattr(store, "sweep", None)
+    every = settings.store_sweep_every_s
+    if sweep is None or every <= 0:
+        return
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await sweep(rest_idle_s=settings.rest_session_idle_s, stream_stale_s=settings.stream_stale_s)
+        except Exception as exc:
+            log.warning("session sweep failed: %s", exc)
+
+
 def create_app(
     settings: Settings | None = None, service: EmotionService | None = None, store=_UNSET
 ) -> FastAPI:
@@ -55,6 +84,8 @@ def create_app(
     async def lifespan(app: FastAPI):
         opened = store is _UNSET
         app.state.store = open_store(settings) if opened else store
+        await _recover_sessions(app.state.store, settings)
+        sweeper = asyncio.create_task(_sweep_sessions(app.state.store, settings), name="session-sweep")
         app.state.start_task = asyncio.create_task(_start_service(app, service), name="service-start")
         try:
             yield
@@ -63,6 +94,8 @@ def create_app(
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
             await service.stop()
             if opened and app.state.store is not None:
                 await app.state.store.close()
@@ -81,6 +114,9 @@ def create_app(
     app.state.service = service
     app.state.store = None if store is _UNSET else store
     app.state.start_error = None  # set when start-up fails: /healthz turns 503
+    app.state.rate_limits = RateLimits()  # auth-failure and per-key token buckets (this process)
+    app.state.admission = Admission.from_settings(settings)  # stream slots, memory budgets, queued work
+    install_log_redaction()  # ?api_key=... never reaches uvicorn's access log in clear
 
     api_errors.install(app)
     # outside ErrorMiddleware, which turns the BodyReadTimeout raised in the app's receive into 408 JSON

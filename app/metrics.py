@@ -118,6 +118,24 @@ AUDIO_SECONDS = Counter(
 UTTERANCES = Counter(
     "emotion_utterances_total", "Utterances analysed, by source", ["source"], registry=REGISTRY
 )
+ADMISSION_SHED = Counter(
+    "emotion_admission_shed_total",
+    "Requests or streams refused by admission control (503 / 1013): estimated_wait, upload_budget, "
+    "decoded_budget, streams",
+    ["reason"],
+    registry=REGISTRY,
+)
+ADMISSION_ESTIMATED_WAIT = Gauge(
+    "emotion_admission_estimated_wait_seconds",
+    "Estimated wait of a /v1/predict request at its last admission (queued audio s x measured cost)",
+    registry=REGISTRY,
+)
+BUDGET_BYTES_IN_USE = Gauge(
+    "emotion_budget_bytes_in_use",
+    "Bytes reserved in an admission budget (upload | decoded)",
+    ["budget"],
+    registry=REGISTRY,
+)
 READY = Gauge("emotion_ready", "1 once every model is loaded and warmed up", registry=REGISTRY)
 MODEL_INFO = Gauge(
     "emotion_model_info",

@@ -26,8 +26,18 @@ class Settings(BaseSettings):
     port: int = 8000
     # Lists read from the environment as JSON (`["a","b"]`) or comma-separated (`a,b`).
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Bearer keys; empty = open /v1 routes"
+        default_factory=list,
+        description="Bearer keys, each `key` (its own tenant) or `tenant:key`, or a JSON object "
+        '{"tenant": "key" | ["key", ...]}; empty (and no admin key) = open /v1 routes',
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer keys that see and delete every tenant's sessions"
+    )
+    # In-memory token buckets, per server process (app/api/auth.py); 0 = no limit.
+    auth_fail_burst: int = Field(10, ge=0, description="wrong API keys per client address before 429")
+    auth_fail_per_min: float = Field(10.0, ge=0, description="refill of the wrong-key allowance, per minute")
+    key_rate_per_s: float = Field(50.0, ge=0, description="requests per second per valid API key (sustained)")
+    key_rate_burst: int = Field(500, ge=0, description="burst of requests per valid API key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- models --------------------------------------------------------------------------
@@ -113,6 +123,26 @@ class Settings(BaseSettings):
     max_channels: int = 2
     min_sample_rate: int = 4000
     max_sample_rate: int = 192000
+    upload_budget_mb: float = Field(
+        256.0,
+        ge=0,
+        description="upload bytes being read at once, all requests together; beyond -> 503 (0 = off)",
+    )
+    decoded_budget_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="decoded samples in flight (header-declared frames x channels x 4 before decoding, the "
+        "actual array after); beyond -> 503; one input larger than it runs alone (0 = off)",
+    )
+    admission_max_wait_s: float = Field(
+        60.0,
+        ge=0,
+        description="/v1/predict is shed (503) when its estimated queueing wait exceeds this (capped at "
+        "request_timeout_s; 0 = off)",
+    )
+    admission_initial_cost: float = Field(
+        0.25, gt=0, description="assumed seconds of work per audio second until measured (EWMA)"
+    )
     decode_workers: int = Field(2, ge=1, description="isolated decoder processes for uploads")
     decode_memory_mb: int = Field(
         3072, ge=0, description="address-space limit of each decoder process (MB; 0 = none, else >= 512)"
@@ -130,6 +160,9 @@ class Settings(BaseSettings):
     )
     stream_max_message_bytes: int = Field(64 * 1024, description="largest JSON (text) message from a client")
     stream_max_streams: int = Field(64, description="concurrent WebSocket streams per process (1013 beyond)")
+    stream_send_timeout_s: float = Field(
+        10.0, ge=0, description="a send to a client not reading for this long closes the stream (0 = off)"
+    )
     stream_partial_every_s: float = Field(
         1.0, description="partial ASR pass every N s of new speech; 0 = off"
     )
@@ -138,6 +171,18 @@ class Settings(BaseSettings):
     )
     stream_realtime_slack_s: float = Field(2.0, description="audio ahead of wall time before a warning")
     store_ended_ttl_s: float = Field(7 * 86400.0, description="ended sessions are forgotten after this")
+    rest_session_idle_s: float = Field(
+        900.0,
+        ge=0,
+        description="a REST session (/v1/predict?session_id=) ends after this without results; 0 = never",
+    )
+    stream_stale_s: float = Field(
+        90.0, ge=0, description="a stream session without heartbeat this long is ended (server_restart)"
+    )
+    store_sweep_every_s: float = Field(60.0, ge=0, description="how often the idle/stale sweep runs; 0 = off")
+    store_max_metadata_bytes: int = Field(
+        16 * 1024, ge=0, description="stored session metadata (merged JSON); beyond -> 413 / WS close 1009"
+    )
     redis_prefix: str = "emotion:"
     redis_max_connections: int = Field(
         100, ge=1, description="Redis connections for commands (a busy pool makes callers wait, up to 10 s)"
@@ -164,14 +209,21 @@ class Settings(BaseSettings):
         1000, ge=0, description="open connections + requests beyond which uvicorn answers 503 (0 = none)"
     )
 
-    @field_validator("api_keys", "cors_origins", "models", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", "models", mode="before")
     @classmethod
     def _split_list(cls, value):
         if isinstance(value, str):
             text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
+            if text.startswith(("[", "{")):
+                value = json.loads(text)
+            else:
+                return [part.strip() for part in text.split(",") if part.strip()]
+        if isinstance(value, dict):  # {"tenant": "key" | ["key", ...]} -> ["tenant:key", ...]
+            return [
+                f"{tenant}:{key}"
+                for tenant, keys in value.items()
+                for key in ([keys] if isinstance(keys, str) else keys)
+            ]
         return value
 
 

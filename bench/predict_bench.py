@@ -4,9 +4,9 @@ Starts ``emotion-server serve`` on a free loopback port (settings from the EMOTI
 ``--model-dir`` sets EMOTION_MODEL_DIR), waits for /readyz, then posts a fixed list of RAVDESS clips
 at each concurrency level (1, 2, 4, 8, 16) with a bounded number of requests and a time budget
 per level. Reports throughput (audio seconds per wall second), latency p50/p95, errors, and the
-mean model batch size (from /metrics). Finally, with the server stopped, it times faster-whisper
-transcription alone on the same clips (``app.analysis.asr.Recognizer``, same ASR settings and thread count
-as the server) and reports end-to-end latency at concurrency 1 relative to it.
+mean model batch size (from /metrics). Finally, with the server stopped, it times plain faster-whisper
+transcription alone on the same clips (``WhisperModel.transcribe``, bundled tiny.en, int8, every
+core, beam 1) and reports end-to-end latency at concurrency 1 relative to it.
 
     python bench/predict_bench.py                 # full run -> bench/results/predict.{json,md}
     python bench/predict_bench.py --quick --model-dir /tmp/dummy-models   # smoke run -> bench/results/tmp/

@@ -52,7 +52,18 @@ _Responses = dict[int | str, dict[str, object]]
 VALIDATION_RESPONSES: _Responses = {
     422: {"model": ErrorBody, "description": "invalid request (`invalid_request`, or a more precise code)"}
 }
-AUTH_RESPONSES: _Responses = {401: {"model": ErrorBody, "description": "missing or invalid API key"}}
+AUTH_RESPONSES: _Responses = {
+    401: {"model": ErrorBody, "description": "missing or invalid API key"},
+    403: {
+        "model": ErrorBody,
+        "description": "browser request from an origin not allowed (`origin_not_allowed`)",
+    },
+    429: {
+        "model": ErrorBody,
+        "description": "too many wrong keys from this address, or requests with this key (`rate_limited`, "
+        "with Retry-After)",
+    },
+}
 
 
 def error_json(

@@ -5,8 +5,10 @@ Options come as query parameters or as multipart form fields (a query parameter 
 are given): ``models`` (comma-separated ids; default all + ensemble), ``channels`` (mix|separate),
 ``words`` (bool), ``segmentation`` (utterance|whole), ``session_id`` (store each segment in that session and return the ``seq``s).
 
-Order of checks, cheapest first: API key, readiness, upload size, options, model ids, decoding and
-audio limits, then the work. Thread-safety: stateless handlers; blocking work (decode, VAD,
+Order of checks, cheapest first: API key, readiness, admission (estimated queueing wait, then the
+upload-bytes budget), upload size, options, model ids, the decoded-samples budget by the declared
+header (WAV/FLAC), decoding and audio limits, the budget by the decoded size, then the work
+(``app.inference.admission``; refusals are 503 + Retry-After). Thread-safety: stateless handlers; blocking work (decode, VAD,
 ASR) runs in the service's worker pool, never on the event loop.
 """
 
@@ -20,10 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.analysis import decoding
 from app.analysis.audio import AudioLimits
+from app.api.auth import principal_of
+from app.api.sessions import SessionNotFoundError, may_use_session, owner_kwargs
 from app.api.upload import read_upload
 from app.errors import InvalidOptionError, NotReadyError, StoreUnavailableError
+from app.inference import admission as admission_control
 from app.schemas import ErrorBody, PredictResponse
 from app.service import new_request_key
+from app.store import SessionNotFound
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # same rule as the streaming protocol
 
@@ -130,7 +136,44 @@ async def predict(
     settings, service = app.state.settings, app.state.service
     if not service.ready:
         raise NotReadyError("the models are still loading", retry_after=settings.retry_after_s)
-    upload = await read_upload(request, settings.max_upload_bytes)
+    admission = admission_control.of_app(app)
+    ticket = admission.work.admit()  # 503 when the work already queued would make this one wait too long
+    uploaded, decoded = admission.upload.reserve(), admission.decoded.reserve()
+    try:
+        return await _predict(
+            request,
+            settings,
+            service,
+            ticket,
+            uploaded,
+            decoded,
+            models,
+            channels,
+            words,
+            segmentation,
+            session_id,
+        )
+    finally:
+        ticket.done()  # a cost sample once the audio was decoded (the work ran, whatever came of it)
+        uploaded.release()
+        decoded.release()
+
+
+async def _predict(
+    request: Request,
+    settings,
+    service,
+    ticket: admission_control.Ticket,
+    uploaded: admission_control.Reservation,
+    decoded: admission_control.Reservation,
+    models: str | None,
+    channels: Literal["mix", "separate"] | None,
+    words: bool | None,
+    segmentation: Literal["utterance", "whole"] | None,
+    session_id: str | None,
+) -> PredictResponse:
+    app = request.app
+    upload = await read_upload(request, settings.max_upload_bytes, uploaded)
     opts = _options(
         {
             "models": models,
@@ -145,12 +188,24 @@ async def predict(
     store = getattr(app.state, "store", None)
     if opts.session_id and store is None:
         raise StoreUnavailableError("sessions are not available on this server (no session store)")
+    principal = principal_of(request)
+    if opts.session_id and store is not None:  # another tenant's session: 404 before any work
+        await may_use_session(store, opts.session_id, principal)
 
+    declared = admission_control.sniff(upload.data)
+    if declared is not None:  # refuse before a decoder materialises it
+        decoded.resize(declared.decoded_bytes)
+        ticket.set_audio(declared.duration_s, decoded=False)
     key = new_request_key()  # decode, VAD and ASR of this request share one fair-queue identity
     t0 = time.perf_counter()
     decoder = decoding.pool_for(settings)  # isolated worker processes: a crafted file cannot crash us
+    ticket.start()
     audio = await service.engine.run_cpu(key, decoder.decode, upload.data, opts.channels, _limits(settings))
     decode_ms = (time.perf_counter() - t0) * 1000.0
+    upload.data = b""  # the bytes are no longer needed: out of the upload budget
+    uploaded.release()
+    decoded.resize(audio.samples.nbytes)  # the actual decoded size from now on
+    ticket.set_audio(audio.duration_s)
     response, results = await service.predict_detailed(
         audio,
         opts.models,
@@ -162,8 +217,12 @@ async def predict(
         key=key,
     )
     if opts.session_id and store is not None:  # a session id without a store was refused above
-        if await store.get_session(opts.session_id) is None:
-            await store.open_session(opts.session_id, source="rest")
+        view = await may_use_session(store, opts.session_id, principal)
+        if view is None or view.get("state") == "ended":  # create, or re-open an idle-ended one
+            try:
+                await store.open_session(opts.session_id, source="rest", **owner_kwargs(principal))
+            except SessionNotFound:  # another tenant created it meanwhile
+                raise SessionNotFoundError(f"no session {opts.session_id!r}") from None
         response.session_id = opts.session_id
         response.seq = [
             await store.append_result(opts.session_id, u.to_store(source="rest")) for u in results

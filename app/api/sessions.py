@@ -13,6 +13,11 @@
 Unknown ids: 404 ``{"error": "session_not_found", "detail": ...}``; no session store: 503
 ``store_unavailable``; every long-poll connection of the store in use: 503 ``store_busy`` with
 Retry-After. The API key applies as on every /v1 route (``app.main`` adds it).
+
+Tenants (``app.api.auth``): a key sees only its tenant's sessions; another tenant's session is 404
+``session_not_found``, exactly like an unknown id, so its existence is not revealed. Admin keys
+(and everyone while auth is off) see every session. The same rule applies to continuing a
+session through ``/v1/predict?session_id=`` and the WebSocket ``start`` (``may_use_session``).
 Thread-safety: stateless handlers over the shared store.
 """
 
@@ -23,6 +28,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.auth import Principal, principal_of
 from app.errors import ServiceError, StoreUnavailableError
 from app.schemas import Emotion, ErrorBody, WordOut
 from app.streaming.protocol import SESSION_ID_PATTERN
@@ -83,6 +89,12 @@ class SessionOut(BaseModel):
     last_seq: int
     emotion: EmotionSoFar
     last_result: StoredResult | None
+    tenant: str | None = Field(
+        None, description="owner: API-key tenant (null: admin, or created with auth off)"
+    )
+    end_reason: str | None = Field(
+        None, description="set when the server ended it: idle (REST session) | server_restart (stream)"
+    )
 
 
 class SessionList(BaseModel):
@@ -107,8 +119,26 @@ def _store(request: Request):
     return store
 
 
-async def _session(store, session_id: str) -> dict:
-    view = await store.get_session(session_id)
+def owner_kwargs(principal: Principal) -> dict[str, Any]:
+    """``open_session`` keyword for the caller's tenant (none for admins / auth off, so stores and
+    test doubles without the parameter keep working)."""
+    return {} if principal.tenant is None else {"tenant": principal.tenant}
+
+
+async def may_use_session(store, session_id: str, principal: Principal) -> dict | None:
+    """The session when it exists and the caller may see it; None when it does not exist;
+    ``SessionNotFoundError`` when it belongs to another tenant (indistinguishable from unknown)."""
+    get = getattr(store, "get_session", None)
+    if get is None:
+        return None
+    view = await get(session_id)
+    if view is not None and not principal.can_see(view.get("tenant")):
+        raise SessionNotFoundError(f"no session {session_id!r}")
+    return view
+
+
+async def _session(store, session_id: str, principal: Principal) -> dict:
+    view = await may_use_session(store, session_id, principal)
     if view is None:
         raise SessionNotFoundError(f"no session {session_id!r}")
     return view
@@ -120,13 +150,15 @@ async def list_sessions(
     state: Literal["active", "ended"] | None = Query(None, description="only sessions in this state"),
     limit: int = Query(50, ge=1, le=1000),
 ) -> SessionList:
-    sessions = await _store(request).list_sessions(state=state, limit=limit)
+    scope = principal_of(request).scope
+    tenant = {} if scope is None else {"tenant": scope}
+    sessions = await _store(request).list_sessions(state=state, limit=limit, **tenant)
     return SessionList(sessions=sessions)
 
 
 @router.get("/{session_id}", response_model=SessionOut, responses=_NOT_FOUND, summary="One session")
 async def get_session(request: Request, session_id: str = SessionId) -> SessionOut:
-    return SessionOut(**await _session(_store(request), session_id))
+    return SessionOut(**await _session(_store(request), session_id, principal_of(request)))
 
 
 @router.get(
@@ -143,7 +175,7 @@ async def session_results(
     limit: int = Query(100, ge=1, le=1000),
 ) -> ResultsOut:
     store = _store(request)
-    await _session(store, session_id)
+    await _session(store, session_id, principal_of(request))
     wait_s = min(wait, float(request.app.state.settings.sessions_max_wait_s))
     results = await store.results(session_id, after=after, wait_s=wait_s, limit=limit)
     view = await store.get_session(session_id)
@@ -155,6 +187,8 @@ async def session_results(
 
 @router.delete("/{session_id}", status_code=204, responses=_NOT_FOUND, summary="Delete a session")
 async def delete_session(request: Request, session_id: str = SessionId) -> Response:
-    if not await _store(request).delete_session(session_id):
+    store = _store(request)
+    await _session(store, session_id, principal_of(request))
+    if not await store.delete_session(session_id):
         raise SessionNotFoundError(f"no session {session_id!r}")
     return Response(status_code=204)

@@ -50,7 +50,13 @@ code  error                      when
 1007  invalid_payload            bad JSON, invalid ``start`` fields (types, unknown model, bad
                                  session id), NaN/inf in f32le audio
 1008  unauthorized               missing or wrong API key
+1008  origin_not_allowed         ``Origin`` header not in ``EMOTION_CORS_ORIGINS`` (nor same-origin)
+1013  rate_limited               too many wrong keys from this address, or requests with this key
+1009  metadata_too_large         ``start.metadata``, merged into the session's, over the cap (16 KiB)
+4404  session_not_found          ``session_id`` of another tenant's session (as if it did not exist)
 1008  frame_too_large            binary frame over ``max_frame_bytes``
+1008  client_not_reading         a send stayed blocked for ``EMOTION_STREAM_SEND_TIMEOUT_S``: the
+                                 client does not read (the close frame may never reach it)
 1009  message_too_big            JSON message over ``max_message_bytes`` (uvicorn also closes
                                  1009 itself beyond its ``ws_max_size``)
 1011  internal_error             unexpected server failure
@@ -60,6 +66,13 @@ code  error                      when
 4008  idle_timeout               no client message for ``idle_timeout_s``
 4009  session_busy               another live stream on this server uses that ``session_id``
 ====  =========================  ===========================================================
+
+Admission: a stream slot (``stream_max_streams``, ``app.inference.admission.Slots``) is taken in one
+step before the endpoint's first wait for the client and released in ``finally``, so a burst of
+connections gets exactly the limit. A client that stops reading holds no slot for long: every send
+is bounded by ``stream_send_timeout_s``; when one expires the connection is marked stalled, the
+reader is woken (its pending receive or back-pressure wait is cancelled) and the stream ends with
+``client_not_reading`` after storing what was already analysed.
 
 Thread-safety: one coroutine (the endpoint) reads the socket; sends from the session's tasks are
 serialised by a lock. ``_LIVE`` is process state touched only from the event loop.
@@ -79,8 +92,11 @@ from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app import metrics
-from app.api.auth import check_api_key
-from app.errors import UnauthorizedError
+from app.api.auth import Principal, check_api_key, check_origin
+from app.api.sessions import SessionNotFoundError, may_use_session, owner_kwargs
+from app.errors import ForbiddenOriginError, RateLimitedError, UnauthorizedError
+from app.inference import admission as admission_control
+from app.store.common import MetadataTooLarge, merged_metadata
 from app.streaming.audio import InvalidAudioFrame
 from app.streaming.protocol import (
     CLIENT_TYPES,
@@ -109,6 +125,7 @@ AUDIO_BEFORE_START = 4000
 DUPLICATE_START = 4001
 IDLE_TIMEOUT = 4008
 SESSION_BUSY = 4009
+SESSION_NOT_FOUND = 4404
 
 _LIVE: set[str] = set()  # session ids streaming in this process
 
@@ -143,26 +160,94 @@ class _NoStore:
         return None
 
 
-class _Connection:
-    """Serialised JSON sends on one socket."""
+CLOSE_TIMEOUT_S = 1.0  # a close frame queued behind unread data is given up after this
 
-    def __init__(self, ws: WebSocket):
+
+class _Connection:
+    """Serialised JSON sends on one socket, each bounded by ``send_timeout_s`` (0 = unbounded).
+
+    A send still blocked at its deadline (the client does not read: the socket buffers are full)
+    marks the connection ``stalled``: every later send fails at once, and a reader parked in
+    ``watch`` wakes up with ``StreamClose`` (client_not_reading), so the endpoint ends the stream.
+    """
+
+    def __init__(self, ws: WebSocket, send_timeout_s: float = 0.0):
         self.ws = ws
+        self.send_timeout_s = send_timeout_s
+        self.stalled = False
         self._lock = asyncio.Lock()
+        self._stall_signal: asyncio.Future[None] | None = None  # done once stalled (wakes ``watch``)
+
+    def _not_reading(self) -> StreamClose:
+        return StreamClose(
+            POLICY, "client_not_reading", f"the client did not read for {self.send_timeout_s:g} s"
+        )
+
+    async def _send_locked(self, text: str) -> None:
+        async with self._lock:
+            await self.ws.send_text(text)
 
     async def send(self, message) -> None:
+        if self.stalled:
+            raise self._not_reading()
+        text = message.model_dump_json()
+        if self.send_timeout_s <= 0:
+            await self._send_locked(text)
+            return
+        try:
+            await asyncio.wait_for(self._send_locked(text), self.send_timeout_s)
+        except asyncio.TimeoutError:
+            self._stall()
+            raise self._not_reading() from None
+
+    def _stall(self) -> None:
+        if self.stalled:
+            return
+        self.stalled = True
+        log.warning("stream: a send blocked for %g s (client not reading): closing", self.send_timeout_s)
+        if self._stall_signal is not None and not self._stall_signal.done():
+            self._stall_signal.set_result(None)
+
+    async def watch(self, awaitable, timeout_s: float | None = None):
+        """Await a blocking step of the reader (receive, back-pressure wait), at most ``timeout_s``
+        (``asyncio.TimeoutError``); ``StreamClose`` (client_not_reading) as soon as a send stalls."""
+        if self.stalled:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never started
+            raise self._not_reading()
+        if self._stall_signal is None:
+            self._stall_signal = asyncio.get_running_loop().create_future()
+        step = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait(
+                {step, self._stall_signal}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # cancelled from outside (shutdown)
+            step.cancel()
+            raise
+        if step in done:
+            return step.result()
+        step.cancel()
+        if self.stalled:
+            raise self._not_reading()
+        raise asyncio.TimeoutError
+
+    async def _close_locked(self, code: int, reason: str | None) -> None:
         async with self._lock:
-            await self.ws.send_text(message.model_dump_json())
+            await self.ws.close(code, reason)
 
     async def close(self, code: int, error: str = "", detail: str = "") -> None:
         if self.ws.application_state == WebSocketState.DISCONNECTED:
             return
         if self.ws.client_state == WebSocketState.DISCONNECTED:
             return
+        # bounded: a close frame cannot pass a client that does not read
+        timeout = CLOSE_TIMEOUT_S if self.stalled else (self.send_timeout_s or None)
         try:
-            async with self._lock:
-                await self.ws.close(code, close_reason(error, detail) if error else None)
-        except Exception:  # already closed by the peer
+            await asyncio.wait_for(
+                self._close_locked(code, close_reason(error, detail) if error else None), timeout
+            )
+        except Exception:  # already closed by the peer, or it does not read
             pass
 
 
@@ -228,16 +313,20 @@ def _check_start(start: StartMessage, settings) -> None:
         )
 
 
-async def _receive(ws: WebSocket, timeout_s: float) -> Message:
+async def _receive(ws: WebSocket, timeout_s: float, conn: _Connection | None = None) -> Message:
+    """The next message within ``timeout_s`` (idle timeout); with ``conn``, also woken by a stalled send."""
+    timeout = timeout_s if timeout_s > 0 else None
     try:
-        return await asyncio.wait_for(ws.receive(), timeout_s if timeout_s > 0 else None)
+        if conn is None:
+            return await asyncio.wait_for(ws.receive(), timeout)
+        return await conn.watch(ws.receive(), timeout)
     except asyncio.TimeoutError:
         raise StreamClose(IDLE_TIMEOUT, "idle_timeout", f"no message for {timeout_s:g} s") from None
 
 
 async def _await_start(ws: WebSocket, conn: _Connection, settings) -> StartMessage:
     while True:
-        msg = await _receive(ws, settings.stream_idle_timeout_s)
+        msg = await _receive(ws, settings.stream_idle_timeout_s, conn)
         if msg["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(msg.get("code", 1000))
         if msg.get("bytes") is not None:
@@ -249,6 +338,33 @@ async def _await_start(ws: WebSocket, conn: _Connection, settings) -> StartMessa
         if isinstance(parsed, StopMessage):
             raise StreamClose(AUDIO_BEFORE_START, "audio_before_start", "stop before start")
         return parsed
+
+
+class _TenantStore:
+    """The store as one stream sees it: a session it creates belongs to the caller's tenant."""
+
+    def __init__(self, store, principal: Principal):
+        self._store, self._owner = store, owner_kwargs(principal)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    async def open_session(self, session_id, metadata=None, source="stream"):
+        return await self._store.open_session(session_id, metadata, source=source, **self._owner)
+
+
+async def _check_session(store, session_id: str, principal: Principal, start: StartMessage, settings) -> None:
+    """Another tenant's session: 4404 (as if unknown). Metadata over the cap, alone or merged into
+    the stored one: 1009 (too big for the server to keep, like an oversized message)."""
+    try:
+        view = await may_use_session(store, session_id, principal)
+    except SessionNotFoundError as exc:
+        raise StreamClose(SESSION_NOT_FOUND, exc.code, str(exc)) from None
+    cap = int(getattr(settings, "store_max_metadata_bytes", 0))
+    try:
+        merged_metadata((view or {}).get("metadata") or {}, start.metadata, cap)
+    except MetadataTooLarge as exc:
+        raise StreamClose(TOO_BIG, exc.code, str(exc)) from None
 
 
 def _resolve_models(service, start: StartMessage) -> list[str]:
@@ -271,22 +387,29 @@ async def stream_endpoint(ws: WebSocket) -> None:
     settings, service = app.state.settings, app.state.service
     store = getattr(app.state, "store", None) or _NoStore()
     await ws.accept()
-    conn = _Connection(ws)
+    conn = _Connection(ws, settings.stream_send_timeout_s)
+    slots, has_slot = admission_control.of_app(app).streams, False
     session: StreamSession | None = None
     session_id: str | None = None
     reason = "disconnect"
     metrics.STREAMS_IN_FLIGHT.inc()
     try:
         try:
-            check_api_key(ws)
-        except UnauthorizedError as exc:
-            raise StreamClose(POLICY, "unauthorized", str(exc)) from None
-        if len(_LIVE) >= settings.stream_max_streams:
-            raise StreamClose(TRY_LATER, "overloaded", f"{len(_LIVE)} streams are open; retry later")
+            check_origin(ws)  # a browser page of a foreign origin: 1008 origin_not_allowed
+            principal = check_api_key(ws)
+        except (UnauthorizedError, ForbiddenOriginError) as exc:
+            raise StreamClose(POLICY, exc.code, str(exc)) from None
+        except RateLimitedError as exc:
+            raise StreamClose(TRY_LATER, exc.code, str(exc)) from None
+        has_slot = slots.try_acquire()  # check and count in one step: a burst cannot overshoot
+        if not has_slot:
+            metrics.ADMISSION_SHED.labels(reason="streams").inc()
+            raise StreamClose(TRY_LATER, "overloaded", f"{slots.limit} streams are open; retry later")
         start = await _await_start(ws, conn, settings)
         _check_start(start, settings)
         models = _resolve_models(service, start)
         session_id = start.session_id or uuid.uuid4().hex
+        await _check_session(store, session_id, principal, start, settings)
         if session_id in _LIVE:
             sid, session_id = session_id, None
             raise StreamClose(
@@ -298,7 +421,7 @@ async def stream_endpoint(ws: WebSocket) -> None:
             start=start,
             settings=settings,
             backend=ServiceBackend(service),
-            store=store,
+            store=_TenantStore(store, principal),
             emit=conn.send,
             models=start.models,
             announced_models=models,
@@ -328,6 +451,8 @@ async def stream_endpoint(ws: WebSocket) -> None:
     finally:
         if session_id is not None:
             _LIVE.discard(session_id)
+        if has_slot:
+            slots.release()
         metrics.STREAMS_IN_FLIGHT.dec()
 
 
@@ -354,8 +479,9 @@ async def _read_loop(ws: WebSocket, conn: _Connection, session: StreamSession, s
     max_message = settings.stream_max_message_bytes
     while True:
         # Back-pressure: do not read while too much audio awaits analysis (TCP slows the client).
-        await session.wait_capacity()
-        msg = await _receive(ws, settings.stream_idle_timeout_s)
+        if session.backlog_s > session.max_backlog_s:  # wait_capacity would block: a stall must end it
+            await conn.watch(session.wait_capacity())
+        msg = await _receive(ws, settings.stream_idle_timeout_s, conn)
         arrival = time.monotonic()
         if msg["type"] == "websocket.disconnect":
             session.mark_client_gone()

@@ -4,7 +4,15 @@ A backend keeps, per session, a handful of raw fields (see ``RawSession``) and t
 public dict with ``session_view`` so that both backends answer byte-for-byte the same shape:
 
 ``id, state, source, created_at, updated_at, ended_at, duration_s, audio_duration_s, metadata,
-channels, result_count, last_seq, emotion {n, label, counts, mean_probabilities}, last_result``.
+channels, result_count, last_seq, emotion {n, label, counts, mean_probabilities}, last_result,
+tenant, end_reason``.
+
+Lifecycle: a stream session ends when its stream does; a REST session (``/v1/predict?session_id=``)
+is ended by ``sweep`` after ``rest_idle_s`` without a new result (reason ``idle``); a stream
+session whose server process died (no heartbeat for ``stream_stale_s``, or, for SQLite, every
+stream session still active when a server starts) is ended with reason ``server_restart``. Ended
+sessions are forgotten ``ended_ttl_s`` after their end. Metadata is merged shallowly on re-open
+and capped (``MAX_METADATA_BYTES`` by default): a merge beyond it raises ``MetadataTooLarge``.
 
 Times are Unix seconds (float). ``duration_s`` is wall time from creation to the end (or to now
 while active); ``audio_duration_s`` is the largest result ``end`` seen (audio time).
@@ -13,6 +21,7 @@ while active); ``audio_duration_s`` is the largest result ``end`` seen (audio ti
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -27,6 +36,30 @@ SOURCES = ("stream", "rest")
 
 class SessionNotFound(KeyError):
     """The session does not exist (never created, deleted, or expired)."""
+
+
+MAX_METADATA_BYTES = 16 * 1024  # stored (merged) session metadata, as compact JSON
+END_IDLE = "idle"  # a REST session without new results for ``rest_idle_s``
+END_RESTART = "server_restart"  # a stream whose server process went away (crash, kill -9, restart)
+
+
+class MetadataTooLarge(ValueError):
+    """The session's metadata (after merging the new keys) would exceed the cap: nothing was written."""
+
+    status = 413
+    code = "metadata_too_large"
+
+
+def merged_metadata(old: Mapping[str, Any], new: Mapping[str, Any] | None, cap: int) -> str:
+    """JSON of ``old`` with ``new``'s keys replacing/adding (shallow); raises ``MetadataTooLarge``."""
+    merged = {**old, **(new or {})}
+    text = json.dumps(merged, separators=(",", ":"))
+    if cap > 0 and len(text.encode()) > cap:
+        raise MetadataTooLarge(
+            f"session metadata would be {len(text.encode())} bytes of JSON; at most {cap} "
+            "(keys sent again replace the stored ones)"
+        )
+    return text
 
 
 class StoreBusy(Exception):
@@ -95,6 +128,9 @@ class RawSession:
     emo_counts: dict[str, int] = field(default_factory=dict)
     emo_psum: dict[str, float] = field(default_factory=dict)
     last_result: dict[str, Any] | None = None
+    tenant: str | None = None  # owner (API-key tenant); None = admin / no auth / before tenants
+    end_reason: str | None = None  # why it ended when the server ended it (idle, server_restart)
+    heartbeat_at: float | None = None  # last sign of life of its live stream
 
 
 def session_view(raw: RawSession, now: float | None = None) -> dict[str, Any]:
@@ -121,6 +157,8 @@ def session_view(raw: RawSession, now: float | None = None) -> dict[str, Any]:
             "mean_probabilities": mean,
         },
         "last_result": raw.last_result,
+        "tenant": raw.tenant,
+        "end_reason": raw.end_reason,
     }
 
 

@@ -4,6 +4,7 @@ Keys (``P`` = ``settings.redis_prefix``, default ``emotion:``)::
 
     P session{<id>}          hash   id state source created_at updated_at ended_at metadata(json)
                                     last_seq result_count audio_end emo_n last_result(json)
+                                    tenant end_reason heartbeat_at (absent in older hashes)
                                     ch:<n>=1  count:<label>=int  psum:<label>=float
     P session{<id>}:results  stream one entry per result, entry id "<seq>-0", field r = result json
     P session{<id>}:events   stream "ended" / "deleted" markers that wake long polls
@@ -28,6 +29,12 @@ without ``seq``/``session_id``; both are added back from the entry id on read.
 Long poll: ``XREAD BLOCK`` on the results stream and the events stream at once, so an append by any
 replica, or the end/deletion of the session, wakes every waiter within a round trip.
 
+Liveness: a live stream writes ``heartbeat_at`` every few seconds (``heartbeat``); ``sweep`` (run
+periodically by every replica, and by ``recover`` at start-up) ends stream sessions whose newest
+heartbeat or result is older than ``stream_stale_s`` (their replica died: reason
+``server_restart``) and REST sessions idle for ``rest_idle_s`` (reason ``idle``). Sessions of
+older hashes without ``heartbeat_at`` are judged by ``updated_at``.
+
 Ended sessions expire after ``ended_ttl_s`` (``EXPIRE`` on their keys; a re-open removes it).
 Single Redis (or a primary): the script touches the global ``sessions`` key, so not Redis Cluster.
 
@@ -45,13 +52,17 @@ from redis.exceptions import MaxConnectionsError, WatchError
 
 from app.store.common import (
     ACTIVE,
+    END_IDLE,
+    END_RESTART,
     ENDED,
+    MAX_METADATA_BYTES,
     RawSession,
     ResultStats,
     SessionNotFound,
     StoreBusy,
     check_source,
     check_state,
+    merged_metadata,
     session_view,
     stamp,
 )
@@ -87,18 +98,22 @@ redis.call('ZADD', KEYS[4], ARGV[1], ARGV[5])
 return seq
 """
 
-# KEYS: hash, results, events, index. ARGV: now, id, source, metadata json (create only).
-# Returns 1 when created, 0 when re-opened (metadata is merged by the caller afterwards).
+# KEYS: hash, results, events, index. ARGV: now, id, source, metadata json (create only), tenant
+# ('' = none: no owner on create, no owner check on re-open).
+# Returns 1 when created, 0 when re-opened (metadata is merged by the caller afterwards), -1 when
+# the session belongs to another tenant (nothing changed).
 _OPEN = """
 local created = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'id', ARGV[2], 'state', 'active', 'source', ARGV[3], 'created_at', ARGV[1],
              'updated_at', ARGV[1], 'metadata', ARGV[4], 'last_seq', 0, 'result_count', 0,
-             'audio_end', 0, 'emo_n', 0)
+             'audio_end', 0, 'emo_n', 0, 'heartbeat_at', ARGV[1])
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'tenant', ARGV[5]) end
   created = 1
 else
-  redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', ARGV[1])
-  redis.call('HDEL', KEYS[1], 'ended_at')
+  if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[5] then return -1 end
+  redis.call('HSET', KEYS[1], 'state', 'active', 'updated_at', ARGV[1], 'heartbeat_at', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'ended_at', 'end_reason')
 end
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[2])
@@ -106,11 +121,18 @@ redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 return created
 """
 
-# KEYS: hash, results, events, index. ARGV: now, id, ttl seconds (0 = keep).
+# KEYS: hash, results, events, index. ARGV: now, id, ttl seconds (0 = keep), end reason ('' = none),
+# and optionally a cutoff: end only when neither updated_at nor heartbeat_at is newer (sweeps).
 _CLOSE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
+if ARGV[5] then
+  local seen = tonumber(redis.call('HGET', KEYS[1], 'updated_at') or '0')
+  local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or '0')
+  if seen >= tonumber(ARGV[5]) or beat >= tonumber(ARGV[5]) then return 0 end
+end
 redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[1], 'updated_at', ARGV[1])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'end_reason', ARGV[4]) end
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 16, '*', 'e', 'ended')
 local ttl = tonumber(ARGV[3])
@@ -120,6 +142,12 @@ if ttl > 0 then
 end
 redis.call('EXPIRE', KEYS[3], 120)
 return 1
+"""
+
+# KEYS: hash. ARGV: now.
+_HEARTBEAT = """
+if redis.call('HGET', KEYS[1], 'state') == 'active' then redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[1]) end
+return 0
 """
 
 # KEYS: hash, results, events, index. ARGV: id.
@@ -156,12 +184,14 @@ class RedisStore:
         max_long_polls: int = 256,
         max_block_s: float = 60.0,
         pool_timeout_s: float = 10.0,
+        max_metadata_bytes: int = MAX_METADATA_BYTES,
     ):
         import redis.asyncio as aioredis
         from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool, parse_url
 
         self.prefix = prefix
         self.ended_ttl_s = ended_ttl_s
+        self.max_metadata_bytes = max_metadata_bytes
         self.max_long_polls = max(1, int(max_long_polls))
         self.max_block_s = max(0.001, float(max_block_s))
         self._long_polls = 0  # XREAD BLOCKs in flight (one event loop: a plain counter is enough)
@@ -188,6 +218,7 @@ class RedisStore:
         self._open = self._r.register_script(_ADOPT + _OPEN)
         self._close = self._r.register_script(_ADOPT + _CLOSE)
         self._delete = self._r.register_script(_ADOPT + _DELETE)
+        self._heartbeat = self._r.register_script(_HEARTBEAT)
         self._adopt_script = self._r.register_script(_ADOPT)
 
     # --- keys ----------------------------------------------------------------------------------
@@ -238,18 +269,33 @@ class RedisStore:
             emo_psum=psum,
             # The script writes last_result and last_seq together, so this is its number.
             last_result=stamp(last, h["id"], last_seq) if last is not None else None,
+            tenant=h.get("tenant") or None,
+            end_reason=h.get("end_reason") or None,
+            heartbeat_at=_num(h["heartbeat_at"]) if h.get("heartbeat_at") else None,
         )
 
     # --- SessionStore ----------------------------------------------------------------------------
 
     async def open_session(
-        self, session_id: str, metadata: dict[str, Any] | None = None, source: str = "stream"
+        self,
+        session_id: str,
+        metadata: dict[str, Any] | None = None,
+        source: str = "stream",
+        tenant: str | None = None,
     ) -> dict:
+        """Create or re-open (see ``SQLiteStore.open_session``: tenant check, metadata cap)."""
         check_source(source)
         keys = self._keys(session_id)
-        created = await self._open(
-            keys=keys, args=[repr(time.time()), session_id, source, json.dumps(metadata or {})]
+        cap = self.max_metadata_bytes
+        first = merged_metadata({}, metadata, cap)  # a new session's metadata, checked against the cap
+        if metadata:  # check the merge before changing anything (re-checked under WATCH below)
+            old_text = await self._r.hget(keys[0], "metadata")
+            merged_metadata(json.loads(old_text or "{}"), metadata, cap)
+        created = int(
+            await self._open(keys=keys, args=[repr(time.time()), session_id, source, first, tenant or ""])
         )
+        if created < 0:
+            raise SessionNotFound(session_id)
         if not created and metadata:
             # Shallow merge of new metadata keys on re-open; optimistic transaction (WATCH) so a
             # concurrent re-open cannot lose keys.
@@ -259,17 +305,52 @@ class RedisStore:
                         await pipe.watch(keys[0])
                         old = json.loads(await pipe.hget(keys[0], "metadata") or "{}")
                         pipe.multi()
-                        pipe.hset(keys[0], "metadata", json.dumps({**old, **metadata}))
+                        pipe.hset(keys[0], "metadata", merged_metadata(old, metadata, cap))
                         await pipe.execute()
                         break
                     except WatchError:  # someone wrote in between: read again
                         continue
         return session_view(self._raw(cast(_Hash, await self._r.hgetall(keys[0]))))
 
-    async def close_session(self, session_id: str) -> None:
+    async def close_session(self, session_id: str, reason: str | None = None) -> None:
         await self._close(
-            keys=self._keys(session_id), args=[repr(time.time()), session_id, int(self.ended_ttl_s)]
+            keys=self._keys(session_id),
+            args=[repr(time.time()), session_id, int(self.ended_ttl_s), reason or ""],
         )
+
+    async def heartbeat(self, session_id: str) -> None:
+        await self._heartbeat(keys=self._keys(session_id)[:1], args=[repr(time.time())])
+
+    async def sweep(self, rest_idle_s: float = 900.0, stream_stale_s: float = 90.0) -> int:
+        """End idle REST sessions and stream sessions of dead replicas (see the module docstring)."""
+        index = self.prefix + "sessions"
+        now = time.time()
+        ended, start, page = 0, 0, 500
+        while True:
+            ids = cast(list[str], await self._r.zrange(index, start, start + page - 1))
+            if not ids:
+                return ended
+            start += page
+            pipe = self._r.pipeline(transaction=False)
+            for sid in ids:
+                pipe.hmget(self._keys(sid)[0], ["state", "source", "updated_at", "heartbeat_at"])
+            rows = await pipe.execute()
+            for sid, (state, source, updated, beat) in zip(ids, rows, strict=True):
+                if state != ACTIVE:
+                    continue
+                limit_s, reason = (
+                    (rest_idle_s, END_IDLE) if source == "rest" else (stream_stale_s, END_RESTART)
+                )
+                seen = max(_num(updated), _num(beat))
+                if limit_s <= 0 or seen >= now - limit_s:
+                    continue
+                args = [repr(now), sid, int(self.ended_ttl_s), reason, repr(now - limit_s)]
+                ended += int(await self._close(keys=self._keys(sid), args=args))
+
+    async def recover(self, stream_stale_s: float = 90.0) -> int:
+        """At start-up: end the stream sessions of replicas that died (no heartbeat for
+        ``stream_stale_s``); live streams of other replicas keep their heartbeat fresh."""
+        return await self.sweep(rest_idle_s=0.0, stream_stale_s=stream_stale_s)
 
     async def append_result(self, session_id: str, result: dict[str, Any]) -> int:
         stats = ResultStats.of(result)
@@ -300,7 +381,9 @@ class RedisStore:
             h = cast(_Hash, await self._r.hgetall(self._keys(session_id)[0]))
         return session_view(self._raw(h)) if h else None
 
-    async def list_sessions(self, state: str | None = None, limit: int = 100) -> list[dict]:
+    async def list_sessions(
+        self, state: str | None = None, limit: int = 100, tenant: str | None = None
+    ) -> list[dict]:
         check_state(state)
         limit = max(0, int(limit))
         index = self.prefix + "sessions"
@@ -325,7 +408,11 @@ class RedisStore:
                 await self._r.zrem(index, *stale)
                 start -= len(stale)
             for h in hashes:
-                if h and (state is None or h.get("state") == state):
+                if (
+                    h
+                    and (state is None or h.get("state") == state)
+                    and (tenant is None or h.get("tenant") == tenant)
+                ):
                     out.append(session_view(self._raw(h), now))
                     if len(out) >= limit:
                         break

@@ -1,11 +1,12 @@
 """SQLite session store: the embedded default. One file, WAL journal, survives restarts.
 
-Schema (``user_version`` 1)::
+Schema (``user_version`` 2; a version-1 file gets the three new columns, NULL, on open)::
 
     sessions(id TEXT PRIMARY KEY, state TEXT, source TEXT, created_at REAL, updated_at REAL,
              ended_at REAL NULL, metadata TEXT json, channels TEXT json list, result_count INT,
              last_seq INT, audio_end REAL, emo_n INT, emo_counts TEXT json, emo_psum TEXT json,
-             last_result TEXT json NULL)
+             last_result TEXT json NULL, tenant TEXT NULL, end_reason TEXT NULL,
+             heartbeat_at REAL NULL)
     results(session_id TEXT, seq INT, created_at REAL, channel INT, data TEXT json,
             PRIMARY KEY (session_id, seq)) WITHOUT ROWID
 
@@ -15,7 +16,8 @@ gap-free and unique even when several processes share the file.
 
 Thread-safety: every SQLite call runs on one dedicated thread that owns the only connection (a
 single-worker executor), so the connection is never shared across threads; the async methods may
-be awaited from any event loop. Long polls wake through ``Waiters`` as soon as this process
+be awaited from any event loop. A SQLite file belongs to one server process at a time:
+``recover`` (at start-up) ends every stream session still marked active. Long polls wake through ``Waiters`` as soon as this process
 appends; writes from *other* processes are noticed by re-querying every ``poll_interval_s``.
 """
 
@@ -31,13 +33,17 @@ from typing import Any
 
 from app.store.common import (
     ACTIVE,
+    END_IDLE,
+    END_RESTART,
     ENDED,
+    MAX_METADATA_BYTES,
     RawSession,
     ResultStats,
     SessionNotFound,
     Waiters,
     check_source,
     check_state,
+    merged_metadata,
     session_view,
     stamp,
 )
@@ -70,12 +76,17 @@ CREATE TABLE IF NOT EXISTS results (
     data TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
+"""
+# Columns added after version 1 (ALTER TABLE on older files), then what depends on them.
+_ADDED_COLUMNS = (("tenant", "TEXT"), ("end_reason", "TEXT"), ("heartbeat_at", "REAL"))
+_SCHEMA_2 = """
+CREATE INDEX IF NOT EXISTS sessions_by_tenant ON sessions (tenant, updated_at DESC);
+PRAGMA user_version = 2;
 """
 
 _COLUMNS = (
     "id, state, source, created_at, updated_at, ended_at, metadata, channels, result_count, last_seq, "
-    "audio_end, emo_n, emo_counts, emo_psum, last_result"
+    "audio_end, emo_n, emo_counts, emo_psum, last_result, tenant, end_reason, heartbeat_at"
 )
 
 
@@ -96,15 +107,25 @@ def _raw(row: tuple) -> RawSession:
         emo_counts=json.loads(row[12]),
         emo_psum=json.loads(row[13]),
         last_result=json.loads(row[14]) if row[14] else None,
+        tenant=row[15],
+        end_reason=row[16],
+        heartbeat_at=row[17],
     )
 
 
 class SQLiteStore:
     """``SessionStore`` over one SQLite file (``:memory:`` works too, for one process)."""
 
-    def __init__(self, path: str | Path, ended_ttl_s: float = 7 * 86400.0, poll_interval_s: float = 1.0):
+    def __init__(
+        self,
+        path: str | Path,
+        ended_ttl_s: float = 7 * 86400.0,
+        poll_interval_s: float = 1.0,
+        max_metadata_bytes: int = MAX_METADATA_BYTES,
+    ):
         self.path = str(path)
         self.ended_ttl_s = ended_ttl_s
+        self.max_metadata_bytes = max_metadata_bytes
         self.poll_interval_s = poll_interval_s
         self._waiters = Waiters()
         # One thread owns the connection: sqlite3 connections must not be used concurrently.
@@ -131,6 +152,11 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(SCHEMA)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
+            conn.executescript(_SCHEMA_2)
             self._conn = conn
         return self._conn
 
@@ -166,27 +192,38 @@ class SQLiteStore:
     # --- SessionStore ------------------------------------------------------------------------
 
     async def open_session(
-        self, session_id: str, metadata: dict[str, Any] | None = None, source: str = "stream"
+        self,
+        session_id: str,
+        metadata: dict[str, Any] | None = None,
+        source: str = "stream",
+        tenant: str | None = None,
     ) -> dict:
-        """Create the session, or re-open an existing one (state back to active, metadata merged)."""
+        """Create the session, or re-open an existing one (state back to active, metadata merged).
+
+        ``tenant``: the owner recorded on creation; re-opening a session of another tenant raises
+        ``SessionNotFound`` (None: no check, as for admins). ``MetadataTooLarge`` beyond the cap.
+        """
         check_source(source)
-        meta_json = json.dumps(metadata or {})
 
         def op(conn: sqlite3.Connection) -> RawSession:
             now = time.time()
             self._prune(conn, now)
             raw = self._get_raw(conn, session_id)
             if raw is None:
+                meta_json = merged_metadata({}, metadata, self.max_metadata_bytes)
                 conn.execute(
-                    "INSERT INTO sessions (id, state, source, created_at, updated_at, metadata) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (session_id, ACTIVE, source, now, now, meta_json),
+                    "INSERT INTO sessions (id, state, source, created_at, updated_at, metadata, tenant, "
+                    "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (session_id, ACTIVE, source, now, now, meta_json, tenant, now),
                 )
             else:
-                merged = {**raw.metadata, **(metadata or {})}
+                if tenant is not None and raw.tenant != tenant:
+                    raise SessionNotFound(session_id)
+                merged = merged_metadata(raw.metadata, metadata, self.max_metadata_bytes)
                 conn.execute(
-                    "UPDATE sessions SET state = ?, updated_at = ?, ended_at = NULL, metadata = ? WHERE id = ?",
-                    (ACTIVE, now, json.dumps(merged), session_id),
+                    "UPDATE sessions SET state = ?, updated_at = ?, ended_at = NULL, end_reason = NULL, "
+                    "heartbeat_at = ?, metadata = ? WHERE id = ?",
+                    (ACTIVE, now, now, merged, session_id),
                 )
             fresh = self._get_raw(conn, session_id)
             assert fresh is not None  # written just above, in this same transaction
@@ -195,16 +232,74 @@ class SQLiteStore:
         raw = await self._run(self._tx, op)
         return session_view(raw)
 
-    async def close_session(self, session_id: str) -> None:
+    async def close_session(self, session_id: str, reason: str | None = None) -> None:
         def op(conn: sqlite3.Connection) -> None:
             now = time.time()
             conn.execute(
-                "UPDATE sessions SET state = ?, ended_at = ?, updated_at = ? WHERE id = ? AND state = ?",
-                (ENDED, now, now, session_id, ACTIVE),
+                "UPDATE sessions SET state = ?, ended_at = ?, updated_at = ?, end_reason = ? "
+                "WHERE id = ? AND state = ?",
+                (ENDED, now, now, reason, session_id, ACTIVE),
             )
 
         await self._run(self._tx, op)
         self._waiters.notify(session_id)  # long polls return at once on an ended session
+
+    async def heartbeat(self, session_id: str) -> None:
+        """A live stream's sign of life (see ``sweep``)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE sessions SET heartbeat_at = ? WHERE id = ? AND state = ?",
+                (time.time(), session_id, ACTIVE),
+            )
+
+        await self._run(self._tx, op)
+
+    def _end_where(self, conn: sqlite3.Connection, where: str, args: tuple, reason: str) -> list[str]:
+        now = time.time()
+        ids = [
+            r[0]
+            for r in conn.execute(f"SELECT id FROM sessions WHERE state = ? AND {where}", (ACTIVE, *args))
+        ]
+        conn.executemany(
+            "UPDATE sessions SET state = ?, ended_at = ?, updated_at = ?, end_reason = ? WHERE id = ? AND state = ?",
+            [(ENDED, now, now, reason, sid, ACTIVE) for sid in ids],
+        )
+        return ids
+
+    async def sweep(self, rest_idle_s: float = 900.0, stream_stale_s: float = 90.0) -> int:
+        """End REST sessions idle for ``rest_idle_s`` (reason ``idle``) and stream sessions without a
+        heartbeat or result for ``stream_stale_s`` (``server_restart``); 0 turns a rule off.
+        Returns how many sessions it ended."""
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            ended: list[str] = []
+            if rest_idle_s > 0:
+                ended += self._end_where(
+                    conn, "source = 'rest' AND updated_at < ?", (now - rest_idle_s,), END_IDLE
+                )
+            if stream_stale_s > 0:
+                ended += self._end_where(
+                    conn,
+                    "source = 'stream' AND MAX(updated_at, COALESCE(heartbeat_at, 0)) < ?",
+                    (now - stream_stale_s,),
+                    END_RESTART,
+                )
+            return ended
+
+        ended = await self._run(self._tx, op)
+        for sid in ended:
+            self._waiters.notify(sid)
+        return len(ended)
+
+    async def recover(self, stream_stale_s: float = 90.0) -> int:
+        """At server start: every stream session still active was cut by the previous process
+        (the file belongs to one process), so end it with reason ``server_restart``."""
+        ended = await self._run(
+            self._tx, lambda conn: self._end_where(conn, "source = 'stream'", (), END_RESTART)
+        )
+        return len(ended)
 
     async def append_result(self, session_id: str, result: dict[str, Any]) -> int:
         stats = ResultStats.of(result)
@@ -257,21 +352,25 @@ class SQLiteStore:
         raw = await self._run(lambda: self._get_raw(self._db(), session_id))
         return session_view(raw) if raw else None
 
-    async def list_sessions(self, state: str | None = None, limit: int = 100) -> list[dict]:
+    async def list_sessions(
+        self, state: str | None = None, limit: int = 100, tenant: str | None = None
+    ) -> list[dict]:
+        """Newest first; ``tenant``: only that tenant's sessions (None = every session)."""
         check_state(state)
         limit = max(0, int(limit))
 
         def op() -> list[RawSession]:
-            conn = self._db()
-            if state is None:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM sessions ORDER BY updated_at DESC LIMIT ?", (limit,)
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM sessions WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
-                    (state, limit),
-                ).fetchall()
+            where, args = [], []
+            if state is not None:
+                where.append("state = ?")
+                args.append(state)
+            if tenant is not None:
+                where.append("tenant = ?")
+                args.append(tenant)
+            sql = f"SELECT {_COLUMNS} FROM sessions"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            rows = self._db().execute(sql + " ORDER BY updated_at DESC LIMIT ?", (*args, limit)).fetchall()
             return [_raw(r) for r in rows]
 
         now = time.time()

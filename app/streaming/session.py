@@ -235,6 +235,7 @@ class StreamSession:
         self._client_gone = False
         self._store_ok = True
         self._finished = False
+        self._heartbeat: asyncio.Task | None = None
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -268,6 +269,12 @@ class StreamSession:
     async def open(self) -> None:
         """Open (or re-open) the stored session and send ``ready``."""
         await self.store.open_session(self.session_id, self.start_msg.metadata, source="stream")
+        beat = getattr(self.store, "heartbeat", None)
+        stale_s = float(getattr(self.settings, "stream_stale_s", 0) or 0)
+        if beat is not None and stale_s > 0:  # keeps the stored session from being swept as stale
+            self._heartbeat = asyncio.get_running_loop().create_task(
+                self._beat(beat, max(0.5, stale_s / 3)), name=f"heartbeat-{self.session_id}"
+            )
         self._emitter = asyncio.get_running_loop().create_task(
             self._emit_finals(), name=f"finals-{self.session_id}"
         )
@@ -389,11 +396,21 @@ class StreamSession:
         for spec in self._spec.values():  # candidates never confirmed (flush confirmed the rest)
             spec.task.cancel()
         self._spec.clear()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         try:
             await self.store.close_session(self.session_id)
         except Exception as exc:
             log.warning("stream %s: could not end the stored session: %s", self.session_id, exc)
         return self.stats()
+
+    async def _beat(self, beat, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await beat(self.session_id)
+            except Exception as exc:  # the store is down: results warn on their own
+                log.debug("stream %s: heartbeat failed: %s", self.session_id, exc)
 
     def stats(self) -> EndStats:
         c = self.counters
