@@ -1,10 +1,11 @@
-"""Command line: ``emotion-server serve | predict | stream``.
+"""Command line: ``emotion-server [--version] serve | predict | stream | config``.
 
 * ``serve [--host --port --log-level]``: the HTTP server (uvicorn, one worker: the models, the ASR
   pool and the batchers live in one process and share its cores).
 * ``predict FILE... [--models a,b] [--channels mix|separate] [--words] [--segmentation utterance|whole]``: the same pipeline
   in-process; one JSON object per line on stdout (the /v1/predict response plus ``file``; a failed
   file gives ``{"file", "error", "detail"}``); exit status 1 when any file failed.
+* ``config``: the effective settings as JSON (API/admin keys and URL passwords redacted).
 * ``stream``: added by ``app.streaming.client.add_parser`` when that module exists.
 
 Every subcommand sets ``func`` (``args -> exit status``) with ``set_defaults``.
@@ -36,10 +37,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api.limits import server_options
+    from app.observability import configure_logging
 
     s = _settings()
     level = (args.log_level or s.log_level).lower()
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, s.log_format)  # text (default) or JSON lines, with request/session ids
+    # JSON: no uvicorn log config of its own; its loggers propagate to our JSON root handler
+    log_config: dict = {"log_config": None} if s.log_format == "json" else {}
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -47,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port or s.port,
         workers=1,
         log_level=level,
+        **log_config,
         proxy_headers=True,
         **server_options(s),  # header size and read deadline, keep-alive, concurrency (app/api/limits.py)
     )
@@ -115,9 +120,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 
+# --- config / --version -----------------------------------------------------------------------
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("emotion-server")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """The effective settings (environment, ``.env``, defaults) as JSON, secrets redacted."""
+    from app.observability import redacted_settings, warn_unknown_env_vars
+    from app.settings import Settings
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    warn_unknown_env_vars()
+    print(json.dumps(redacted_settings(Settings()), indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emotion-server", description="Speech emotion recognition server")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="print the effective settings as JSON (secrets redacted)")
+    config.set_defaults(func=cmd_config)
 
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
     serve.add_argument("--host", default=None, help="default: EMOTION_HOST or 127.0.0.1")

@@ -28,6 +28,7 @@ from app.api import health, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
 from app.api.auth import RateLimits, install_log_redaction, require_api_key
 from app.inference.admission import Admission
+from app.observability import RequestIdMiddleware, warn_unknown_env_vars
 from app.service import EmotionService
 from app.settings import Settings, get_settings
 from app.store import open_store
@@ -83,6 +84,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         opened = store is _UNSET
+        warn_unknown_env_vars()  # EMOTION_* typos (environment and .env), with the closest setting name
         app.state.store = open_store(settings) if opened else store
         await _recover_sessions(app.state.store, settings)
         sweeper = asyncio.create_task(_sweep_sessions(app.state.store, settings), name="session-sweep")
@@ -122,13 +124,15 @@ def create_app(
     # outside ErrorMiddleware, which turns the BodyReadTimeout raised in the app's receive into 408 JSON
     app.add_middleware(limits.BodyDeadlineMiddleware, timeout_s=settings.body_read_timeout_s)
     app.add_middleware(api_metrics.MetricsMiddleware)  # outside ErrorMiddleware: sees final statuses
+    # outermost: every log line of a request or stream carries its id; echoed as X-Request-ID
+    app.add_middleware(RequestIdMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", "X-Request-ID"],
         )
 
     app.include_router(health.router)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -21,6 +24,10 @@ from prometheus_client import (
 )
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The standard process (memory, CPU, fds), Python GC and platform collectors, once, on our registry
+# (the default registry's own instances: registering them here does not create new ones).
+for _collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+    REGISTRY.register(_collector)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -134,6 +141,12 @@ BUDGET_BYTES_IN_USE = Gauge(
     "emotion_budget_bytes_in_use",
     "Bytes reserved in an admission budget (upload | decoded)",
     ["budget"],
+    registry=REGISTRY,
+)
+STREAM_FINAL_LATENCY = Histogram(
+    "emotion_stream_final_latency_seconds",
+    "Stream finals: time from the arrival of an utterance's last speech audio to sending its final",
+    buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 READY = Gauge("emotion_ready", "1 once every model is loaded and warmed up", registry=REGISTRY)

@@ -1,6 +1,7 @@
 """Service settings, read from environment variables prefixed ``EMOTION_`` (pydantic-settings).
 
-Example: ``EMOTION_PORT=9000 EMOTION_ASR_DEVICE=cuda emotion-server serve``.
+Example: ``EMOTION_PORT=9000 EMOTION_DEVICE=cuda emotion-server serve``. A ``.env`` file in the working
+directory is read too (the environment wins); unknown ``EMOTION_*`` names are warned about at start-up.
 Every setting has a safe default: the server binds to loopback, accepts no API key (open), and
 uses the models shipped in ``models/``.
 """
@@ -19,7 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EMOTION_", env_file=None, extra="ignore")
+    # A `.env` file in the working directory is read when present (environment variables win).
+    model_config = SettingsConfigDict(
+        env_prefix="EMOTION_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
 
     # --- network -------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -93,6 +97,9 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, description="Retry-After seconds sent with 503 (queue full, not ready)")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text | json (one JSON object per line, with request_id and session_id)"
+    )
 
     # --- scheduler (app/inference/scheduler.py: the ASR and CPU lanes) ------------------------
     # One ASR worker using every core for CTranslate2 is the CPU baseline: batching across requests

@@ -96,6 +96,7 @@ from app.api.auth import Principal, check_api_key, check_origin
 from app.api.sessions import SessionNotFoundError, may_use_session, owner_kwargs
 from app.errors import ForbiddenOriginError, RateLimitedError, UnauthorizedError
 from app.inference import admission as admission_control
+from app.observability import SESSION_ID
 from app.store.common import MetadataTooLarge, merged_metadata
 from app.streaming.audio import InvalidAudioFrame
 from app.streaming.protocol import (
@@ -409,6 +410,7 @@ async def stream_endpoint(ws: WebSocket) -> None:
         _check_start(start, settings)
         models = _resolve_models(service, start)
         session_id = start.session_id or uuid.uuid4().hex
+        SESSION_ID.set(session_id)  # every later log line of this stream (and its tasks) carries it
         await _check_session(store, session_id, principal, start, settings)
         if session_id in _LIVE:
             sid, session_id = session_id, None

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from app import metrics
 from app.analysis.audio import SAMPLE_RATE
 from app.analysis.segmenter import (
     Candidate,
@@ -561,6 +562,8 @@ class StreamSession:
         latency_ms = (self.clock() - arrived) * 1000.0 if arrived is not None else 0.0
         self.counters.finals += 1
         self.counters.latencies_ms.append(latency_ms)
+        if arrived is not None:
+            metrics.STREAM_FINAL_LATENCY.observe(latency_ms / 1000.0)
         await self.emit(
             FinalMessage(
                 seq=seq,
