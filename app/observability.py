@@ -95,6 +95,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
             logger = logging.getLogger(name)
             logger.handlers.clear()
             logger.propagate = True
+            logger.setLevel(logging.NOTSET)  # the root level decides, as for every other logger
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -193,16 +193,28 @@ def test_requests_are_rate_limited_per_key(tmp_path):
         assert c.get("/v1/sessions", headers=bearer("kb")).status_code == 200  # other keys unaffected
 
 
-def test_api_key_is_masked_in_uvicorn_logs(tmp_path, caplog):
+def test_api_key_is_masked_in_uvicorn_logs(tmp_path):
+    import io
+
     client, _ = make_client(tmp_path)
     access = logging.getLogger("uvicorn.access")
+    error = logging.getLogger("uvicorn.error")
     assert any(isinstance(f, RedactSecrets) for f in access.filters)
-    with caplog.at_level(logging.INFO, logger="uvicorn"):
+    # a handler of our own: a uvicorn started earlier in this process stops these loggers propagating
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    levels = access.level, error.level
+    for logger in (access, error):
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
         access.info('%s - "%s %s HTTP/%s" %d', "1.2.3.4:5", "GET", "/v1/stream?api_key=ka&x=1", "1.1", 101)
-        logging.getLogger("uvicorn.error").info(
-            '%s - "WebSocket %s" [accepted]', ("1.2.3.4", 5), "/v1/stream?api_key=sekret"
-        )
-    text = caplog.text
+        error.info('%s - "WebSocket %s" [accepted]', ("1.2.3.4", 5), "/v1/stream?api_key=sekret")
+    finally:
+        for logger, level in zip((access, error), levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    text = buf.getvalue()
     assert "ka&" not in text and "sekret" not in text
     assert "api_key=***&x=1" in text and "api_key=***" in text
 

@@ -109,13 +109,21 @@ def test_strict_priority_final_before_rest_before_partial():
     assert [b[0] for b in rec.batches] == ["blocker", "final", "rest", "partial"]
 
 
-def test_batch_is_filled_from_the_highest_class_first():
-    lane, rec = held_lane(max_batch=3, limits=LaneLimits(partial_low_water=10))
-    futures = [lane.submit("p", f"partial{i}", Priority.PARTIAL) for i in range(2)]
+def test_one_class_per_batch_highest_first_and_small_partial_batches():
+    """A batch holds one class (on CPU a batch costs the sum of its items, so a final must not wait
+    for REST jobs or partials beside it); partial batches hold at most max_batch // 4."""
+    lane, rec = held_lane(max_batch=8, limits=LaneLimits(partial_low_water=10))
+    futures = [lane.submit("p", f"partial{i}", Priority.PARTIAL) for i in range(5)]
     futures += [lane.submit("r", f"rest{i}", Priority.REST) for i in range(2)]
     futures += [lane.submit("f", "final0", Priority.FINAL)]
     finish(lane, rec, [lane.blocker, *futures])
-    assert rec.batches[1:] == [["final0", "rest0", "rest1"], ["partial0", "partial1"]]
+    assert rec.batches[1:] == [
+        ["final0"],
+        ["rest0", "rest1"],
+        ["partial0", "partial1"],
+        ["partial2", "partial3"],
+        ["partial4"],
+    ]
 
 
 def test_round_robin_across_keys_within_a_class():
@@ -278,7 +286,7 @@ class BatchAnalyzer:
         self.transcribe_sizes: list[int] = []
         self.finish_sizes: list[int] = []
 
-    def transcribe_batch(self, audios):
+    def transcribe_batch(self, audios, timed=None):
         self.transcribe_sizes.append(len(audios))
         time.sleep(self.delay_s)  # the batch's cost: later jobs queue up meanwhile
         return [FakeTranscript(f"len{len(a)}") for a in audios]

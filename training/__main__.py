@@ -150,6 +150,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         help="faster-whisper model directory: words, confidences and Whisper encoder frames (default: the "
         "bundled tiny.en); serve with EMOTION_ASR_MODEL=DIR",
     )
+    g.add_argument(
+        "--encoder-window",
+        choices=["fitted", "full"],
+        default=None,
+        help="Whisper encoder window: fitted to the utterance (default) or the full 30 s; serve with "
+        "EMOTION_ASR_ENCODER_WINDOW",
+    )
 
 
 def _add_protocol(p: argparse.ArgumentParser) -> None:

@@ -281,10 +281,15 @@ class Analyzer:
 
     # --- stages -------------------------------------------------------------------------------
 
-    def transcribe_batch(self, audios: Sequence[np.ndarray]) -> list[Transcript]:
-        """ASR of several utterances (16-kHz mono float32, each <= 30 s) in one batched pass."""
+    def transcribe_batch(
+        self, audios: Sequence[np.ndarray], timed: Sequence[bool] | None = None
+    ) -> list[Transcript]:
+        """ASR of several utterances (16-kHz mono float32, each <= 30 s) in one batched pass;
+        ``timed[i]`` False = words without times or confidences (no alignment: streaming partials)."""
         audios = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for a in audios]
-        return self.recognizer.transcribe_batch(audios)
+        if timed is None:
+            return self.recognizer.transcribe_batch(audios)
+        return self.recognizer.transcribe_batch(audios, timed)
 
     def finish_batch(self, audios: Sequence[np.ndarray], transcripts: Sequence[Transcript]) -> list[Analysis]:
         """Text encoder on the batch, then the optional pretrained parts, per transcript."""

@@ -328,9 +328,14 @@ class Recognizer:
         seconds = max(MIN_FITTED_S, BUCKET_S * math.ceil(n_samples / bucket))
         return min(FULL_WINDOW_FRAMES, int(seconds * MEL_FRAME_RATE))
 
-    def transcribe_batch(self, audios: Sequence[np.ndarray]) -> list[Transcript]:
+    def transcribe_batch(
+        self, audios: Sequence[np.ndarray], timed: Sequence[bool] | None = None
+    ) -> list[Transcript]:
         """Transcribe several 16-kHz mono float32 utterances (each <= 30 s): one call per stage for
-        each group of utterances sharing an encoder window (one group unless ``fitted``)."""
+        each group of utterances sharing an encoder window (one group unless ``fitted``).
+
+        ``timed[i]`` False skips the alignment stage for item ``i`` (streaming partials need the
+        words only): its words then carry no times and confidence 0."""
         if not audios:
             return []
         t0 = time.perf_counter()
@@ -338,8 +343,10 @@ class Recognizer:
         for i, a in enumerate(audios):
             groups.setdefault(self.window_frames(len(a)), []).append(i)
         out: list[Transcript | None] = [None] * len(audios)
+        flags = list(timed) if timed is not None else [True] * len(audios)
         for window, idx in groups.items():
-            for i, tr in zip(idx, self._transcribe_group([audios[i] for i in idx], window), strict=True):
+            results = self._transcribe_group([audios[i] for i in idx], window, [flags[i] for i in idx])
+            for i, tr in zip(idx, results, strict=True):
                 out[i] = tr
         elapsed = (time.perf_counter() - t0) * 1000.0
         for res in out:
@@ -347,7 +354,9 @@ class Recognizer:
             res.timing_ms.update(asr=elapsed, asr_batch=float(len(audios)))
         return [res for res in out if res is not None]
 
-    def _transcribe_group(self, audios: Sequence[np.ndarray], window: int) -> list[Transcript]:
+    def _transcribe_group(
+        self, audios: Sequence[np.ndarray], window: int, timed: Sequence[bool]
+    ) -> list[Transcript]:
         mels, content = zip(*(self.log_mel(a) for a in audios), strict=True)
         batch = np.stack(mels)[..., :window]
         if self.device == "cpu" and len(audios) > 1:
@@ -364,7 +373,11 @@ class Recognizer:
         languages = self.languages(encoder_output, len(audios))
         decoded = self.generate(encoder_output, languages, durations)
         words: list[list[Word]] = [[] for _ in audios]
-        for idx in self._alignment_groups(languages):
+        for i, d in enumerate(decoded):
+            if not timed[i] and d.tokens:
+                text = self._tokenizer(languages[i]).decode(d.tokens)
+                words[i] = [Word(w, 0.0, 0.0, 0.0) for w in text.split()]
+        for idx in self._alignment_groups(languages, timed):
             enc = encoder_output if len(idx) == len(audios) else _subset(frames, idx)
             lang = languages[idx[0]]
             aligned = self.align(enc, [decoded[i].tokens for i in idx], [content[i] for i in idx], lang)
@@ -388,13 +401,15 @@ class Recognizer:
             )
         return out
 
-    def _alignment_groups(self, languages: Sequence[str]) -> list[list[int]]:
+    def _alignment_groups(self, languages: Sequence[str], timed: Sequence[bool]) -> list[list[int]]:
         """On CPU each item is aligned alone: a batched alignment saves nothing there (its cost is
         linear in the batch) and padding could move word probabilities. On CUDA, where batching
         pays, one call per language."""
+        wanted = [i for i in range(len(languages)) if timed[i]]
         if self.device == "cpu":
-            return [[i] for i in range(len(languages))]
-        return [[i for i, lg in enumerate(languages) if lg == lang] for lang in dict.fromkeys(languages)]
+            return [[i] for i in wanted]
+        groups = [[i for i in wanted if languages[i] == lang] for lang in dict.fromkeys(languages)]
+        return [g for g in groups if g]
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """One utterance: ``transcribe_batch`` of one."""

@@ -3,7 +3,9 @@
 A ``Lane`` owns a fixed set of worker threads and one queue. Every job carries a ``Priority`` and a
 client *key* (one per REST request or stream). A worker takes jobs in strict class order
 (``FINAL`` before ``REST`` before ``PARTIAL``), round-robin across keys within a class and FIFO
-within a key, and fills a batch of up to ``max_batch`` jobs from the highest class first. It waits
+within a key, and fills a batch of up to ``max_batch`` jobs of the highest class waiting (one class
+per batch; partial batches at most ``max_batch // 4``: on CPU a batch costs the sum of its items,
+so a final must not wait for partials batched beside it). It waits
 for a full batch at most ``max_wait_s`` after the oldest queued job arrived, so batches grow with
 load by themselves and a lone job is barely delayed.
 
@@ -54,6 +56,9 @@ from app.errors import DeadlineExceededError, NotReadyError, QueueFull
 log = logging.getLogger(__name__)
 
 _anonymous = itertools.count()
+
+
+PARTIAL_BATCH_DIVISOR = 4  # partial batches are at most max_batch // 4 (2 on CPU, 8 on CUDA)
 
 
 class Priority(IntEnum):
@@ -137,9 +142,12 @@ class FairQueue:
         self._classes[job.priority].setdefault(job.key, deque()).append(job)
         self._counts[job.priority] += 1
 
-    def pop(self) -> Job | None:
-        """The next job: highest class first, round-robin across keys, FIFO within a key."""
+    def pop(self, only: Priority | None = None) -> Job | None:
+        """The next job (of class ``only``, if given): highest class first, round-robin across keys,
+        FIFO within a key."""
         for priority in Priority:
+            if only is not None and priority != only:
+                continue
             queues = self._classes[priority]
             if not queues:
                 continue
@@ -344,8 +352,19 @@ class Lane:
             while not batch:
                 if not self._wait_for_work():
                     return None
-                while len(batch) < self.max_batch:
-                    job = self._queue.pop()
+                # One class per batch: a batch's cost grows with its size on CPU, so a final must
+                # not wait for partials batched beside it; partial batches stay small so that a
+                # final arriving meanwhile waits little.
+                first = self._queue.pop()
+                limit = self.max_batch
+                while first is not None and not first.future.set_running_or_notify_cancel():
+                    first = self._queue.pop()
+                if first is not None:
+                    batch.append(first)
+                    if first.priority == Priority.PARTIAL:
+                        limit = max(1, self.max_batch // PARTIAL_BATCH_DIVISOR)
+                while batch and len(batch) < limit:
+                    job = self._queue.pop(only=batch[0].priority)
                     if job is None:
                         break
                     if job.future.set_running_or_notify_cancel():
