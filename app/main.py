@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from app.api import errors as api_errors
 from app.api import health, limits, predict, sessions, stream
@@ -102,7 +103,8 @@ def create_app(
             if opened and app.state.store is not None:
                 await app.state.store.close()
 
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI and ReDoc from the package's own files: /docs works offline.
+    app = FastAPIOffline(
         title="Speech emotion recognition",
         version="0.1.0",
         description=(

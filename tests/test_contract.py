@@ -76,3 +76,21 @@ def test_deeply_nested_ws_json_closes_1007(depth):
                 ws.receive_text()
     assert error["type"] == "error" and error["error"] == "invalid_payload", error
     assert error["close_code"] == 1007 and closed.value.code == 1007, closed.value
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_without_a_cdn(page):
+    """/docs and /redoc reference only assets this server serves (they work offline), and those
+    assets are there."""
+    import re
+
+    client = TestClient(create_app(Settings(), StubService(), store=None))
+    html = client.get(page).text
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    assets = [u for u in urls if not u.startswith("#")]
+    assert assets, html
+    for url in assets:
+        assert url.startswith("/"), f"{page} loads {url} from another host"
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 1000, url
+    assert "http://" not in html and "https://" not in html

@@ -145,9 +145,15 @@ def test_slow_body_is_408(server):
                 pass
             if reply:
                 break
-        rest, _ = read_reply(s, 3)
-        reply += rest
+        reset = False
+        try:
+            rest, _ = read_reply(s, 3)
+            reply += rest
+        except ConnectionResetError:
+            # the client was still sending when the server closed after its 408: the kernel may
+            # then reset the connection and drop the unread reply. Either way the slow body was cut.
+            reset = True
         took = time.monotonic() - t0
-    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert reply.startswith(b"HTTP/1.1 408") or (reset and not reply), reply[:300]
     assert took < BODY_TIMEOUT_S + 3
     still_serving(base)
