@@ -65,8 +65,9 @@ def count(name: str, labels: dict[str, str]) -> float:
 
 async def _try_stream(url: str):
     ws = await connect(url, open_timeout=60, ping_interval=None)
-    await ws.send(START)
     try:
+        # a refused connection may be closed by the server before ``start`` is even sent
+        await ws.send(START)
         first = json.loads(await asyncio.wait_for(ws.recv(), 60))
     except ConnectionClosed:
         first = {"type": "closed"}
@@ -92,7 +93,8 @@ def test_burst_of_connects_admits_exactly_the_limit(server):
     assert len(ready) == MAX_STREAMS, [f for f, _ in results]
     assert held == MAX_STREAMS
     for first, ws in refused:
-        assert first["type"] == "error" and first["error"] == "overloaded", first
+        # the error message, unless the close overtook the client's own ``start``
+        assert first["type"] == "closed" or first == {**first, "type": "error", "error": "overloaded"}, first
         assert ws.close_code == 1013
         assert json.loads(ws.close_reason)["error"] == "overloaded"
     wait_slots_free(server)
