@@ -30,7 +30,7 @@ class MemoRecognizer:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def transcribe_batch(self, audios):
+    def transcribe_batch(self, audios, timed=None):
         return [self.transcribe(a) for a in audios]
 
     def transcribe(self, audio: np.ndarray):
@@ -120,8 +120,8 @@ def train_cli(model_id: str, manifest: Path, tmp: Path, sets: dict, extra: list[
 
 
 def serve_once(settings, analyzer, monkeypatch) -> tuple[object, np.ndarray]:
-    """Start an Engine whose Analyzer comes from ``Analyzer.from_settings(settings)`` (ASR replaced
-    by the session's memoised recognizer), warm it up (ASR + every model on a real analysis) and
+    """Start an Engine whose Analyzer comes from ``Analyzer.from_settings(settings)`` (the
+    recognizer that ``AnalyzerSpec.build`` constructs replaced by the session's memoised one), warm it up (ASR + every model on a real analysis) and
     run one utterance through its first model; returns (the engine's analyzer config, probabilities)."""
     from app.analysis.asr import Recognizer
     from app.analysis.audio import decode
@@ -129,7 +129,12 @@ def serve_once(settings, analyzer, monkeypatch) -> tuple[object, np.ndarray]:
     from app.inference.engine import Engine
 
     memo = memo_recognizer(analyzer)
-    monkeypatch.setattr(Recognizer, "from_settings", classmethod(lambda cls, *a, **k: memo))
+
+    def recognizer(*args, **kwargs):  # what AnalyzerSpec.build constructs
+        return memo
+
+    recognizer.identity_of = Recognizer.identity_of
+    monkeypatch.setattr("app.analysis.asr.Recognizer", recognizer)
 
     async def main():
         engine = Engine(settings)

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from app.analysis.analyzer import Analyzer, FeatureConfig  # noqa: E402
+from app.analysis.analyzer import Analyzer, AnalyzerSpec, FeatureConfig  # noqa: E402
 from app.analysis.asr import ASRError, Recognizer, bundled_model_path  # noqa: E402
 from app.analysis.text import TextEncoder  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -82,7 +82,8 @@ def test_local_asr_model_changes_the_digest(tmp_path):
     assert cfg.asr_model == identity and cfg.digest() != DEFAULT_DIGEST
     assert FeatureConfig.from_settings(Settings(asr_model=str(copy))) == cfg
     # the server's path: the recognizer built from the same settings names itself the same way
-    assert Recognizer.from_settings(Settings(asr_model=str(copy)), cpu_threads=1).identity == identity
+    spec = AnalyzerSpec.from_settings(Settings(asr_model=str(copy)), device="cpu", cpu_threads=1)
+    assert spec.build().recognizer.identity == identity
     with pytest.raises(ASRError, match="model.bin"):
         Recognizer.identity_of(tmp_path)
 

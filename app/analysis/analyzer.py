@@ -31,18 +31,12 @@ from typing import Any
 import numpy as np
 
 from app.analysis import features as F
-from app.analysis.asr import DEFAULT_ENCODER_WINDOW, Transcript
+from app.analysis.asr import DEFAULT_ENCODER_WINDOW, Transcript, resolve_compute_type
 from app.analysis.segmenter import UtterancePolicy
 from app.analysis.text import TextFeatures
 
 SAMPLE_RATE = 16000
 FEATURE_VERSION = 2  # 2: utterance policy cut, staged batch ASR without timestamp tokens
-
-
-def resolve_compute_type(compute_type: str) -> str:
-    """``default`` is int8 on every device: shipped models are trained on int8 features, and a
-    float16 GPU pass would give other encoder frames than the CPU pass they were trained on."""
-    return "int8" if compute_type in ("", "default") else compute_type
 
 
 @dataclass(frozen=True)
@@ -165,7 +159,7 @@ class AnalyzerSpec:
         recognizer = Recognizer(
             model_path=self.asr_model or None,
             device=self.device,
-            compute_type=resolve_compute_type(self.compute_type),
+            compute_type=self.compute_type,
             beam_size=self.beam_size,
             language=self.language,
             cpu_threads=threads,
@@ -287,8 +281,6 @@ class Analyzer:
         """ASR of several utterances (16-kHz mono float32, each <= 30 s) in one batched pass;
         ``timed[i]`` False = words without times or confidences (no alignment: streaming partials)."""
         audios = [np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for a in audios]
-        if timed is None:
-            return self.recognizer.transcribe_batch(audios)
         return self.recognizer.transcribe_batch(audios, timed)
 
     def finish_batch(self, audios: Sequence[np.ndarray], transcripts: Sequence[Transcript]) -> list[Analysis]:

