@@ -2,9 +2,10 @@
 
 Sends a file (or the microphone, ``--mic``, with the optional ``sounddevice`` package) to
 ``WS /v1/stream`` as 20-ms ``pcm_s16le`` frames at the file's own sample rate and channel count, then
-``stop``, and prints every server message as one JSON line until ``end``. ``--realtime`` (default)
-paces frames like a live source; ``--fast`` sends as fast as the server reads (it then gets a
-``client_too_fast`` warning and TCP back-pressure).
+``stop``, and prints every server message until ``end``: one JSON line each (``--format json``, the
+default off a terminal) or readable text (``--format text``, ``app.cli_output.StreamPrinter``).
+``--realtime`` (default) paces frames like a live source; ``--fast`` sends as fast as the server
+reads (it then gets a ``client_too_fast`` warning and TCP back-pressure).
 
 Programmatic use (tests, ``bench/stream_bench.py``)::
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/stream"
+MIC_EXTRA_HINT = "pip install 'emotion-server[mic]'"
 
 
 @dataclass
@@ -177,7 +179,7 @@ async def stream_mic(
     try:
         import sounddevice as sd
     except ImportError as exc:  # optional dependency
-        raise SystemExit("--mic needs the sounddevice package (pip install sounddevice)") from exc
+        raise SystemExit(f"--mic needs the sounddevice package: {MIC_EXTRA_HINT}") from exc
     from websockets.asyncio.client import connect
 
     loop = asyncio.get_running_loop()
@@ -218,13 +220,21 @@ async def stream_mic(
     return run
 
 
-def _has_sound_device() -> bool:
+def mic_problem() -> str | None:
+    """Why ``--mic`` cannot work here (no package, no PortAudio, no input device), or None."""
     try:
         import sounddevice as sd
-
-        return bool(sd.query_devices(kind="input"))
-    except Exception:
-        return False
+    except ImportError:
+        return f"--mic needs the sounddevice package, which the [mic] extra installs: {MIC_EXTRA_HINT}"
+    except OSError as exc:  # the package imports PortAudio at import time
+        return (
+            f"--mic: sounddevice cannot load PortAudio ({exc}); on Debian/Ubuntu: apt install libportaudio2"
+        )
+    try:
+        sd.query_devices(kind="input")
+    except Exception as exc:
+        return f"--mic: no sound input device ({exc})"
+    return None
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -233,7 +243,7 @@ def _has_sound_device() -> bool:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "stream",
-        help="stream a file (or the microphone) to WS /v1/stream; one JSON line per server message",
+        help="stream a file (or the microphone) to WS /v1/stream; readable text or JSON lines",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("file", nargs="?", help="audio file (WAV, FLAC, ...); omit with --mic")
@@ -249,7 +259,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="API key (default: $EMOTION_API_KEY)")
     p.add_argument("--frame-ms", type=float, default=20.0, help="audio per binary frame (default 20)")
     p.add_argument("--no-partials", action="store_true", help="ask for finals only")
-    p.add_argument("--mic", action="store_true", help="stream the default input device (needs sounddevice)")
+    p.add_argument(
+        "--mic", action="store_true", help="stream the default input device (needs the [mic] extra)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default=None,
+        help="text: one line per utterance, a summary at the end; json: every message as a JSON line "
+        "(default: text on a terminal, else json)",
+    )
     p.set_defaults(func=cmd_stream)
     return p
 
@@ -257,9 +276,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_stream(args: argparse.Namespace) -> int:
     import os
 
-    def emit(msg: dict) -> None:
-        sys.stdout.write(json.dumps(msg) + "\n")
-        sys.stdout.flush()
+    from app.cli_output import StreamPrinter
+
+    emit = StreamPrinter.for_terminal(args.format)  # JSON lines, or text (app.cli_render)
 
     kwargs: dict[str, Any] = dict(
         models=[m.strip() for m in args.models.split(",") if m.strip()] or None,
@@ -270,8 +289,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
     )
     try:
         if args.mic:
-            if not _has_sound_device():
-                print("no sound input device (or sounddevice is not installed)", file=sys.stderr)
+            problem = mic_problem()
+            if problem:
+                print(f"emotion-server stream: {problem}", file=sys.stderr)
                 return 2
             run = asyncio.run(stream_mic(args.url, frame_ms=args.frame_ms, **kwargs))
         else:
@@ -293,5 +313,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"stream: cannot connect to {args.url}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        emit.finish()  # text: clear the partial line; summarise if no `end` came
     ok = run.close_code in (1000, None) and not run.of_type("error")
     return 0 if ok else 1
