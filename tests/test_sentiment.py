@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from app.analysis import sentiment
-from app.analysis.sentiment import label_of, mean_sentiment, text_sentiment
+from app.analysis.sentiment import disagrees, label_of, mean_sentiment, text_sentiment
 from app.schemas import Emotion, ModelEmotion, SegmentOut, Timing, UtteranceResult, WordOut
 
 
@@ -45,6 +45,35 @@ def test_whole_transcript_is_the_mean_of_the_segments():
     assert mean.compound == pytest.approx(sum(p.compound for p in scored) / 2, abs=1e-4)
     assert mean.label == label_of(mean.compound)
     assert mean_sentiment([None, None]) is None and mean_sentiment([]) is None
+
+
+def test_text_and_voice_disagreement():
+    pos, neg = text_sentiment("Great, thank you so much!"), text_sentiment("This is awful.")
+    flat = text_sentiment("Dogs are sitting by the door.")
+    assert disagrees(pos, "angry") and disagrees(pos, "sad") and disagrees(neg, "happy")
+    assert not disagrees(pos, "happy") and not disagrees(neg, "angry") and not disagrees(neg, "neutral")
+    assert not disagrees(flat, "angry") and not disagrees(None, "angry") and not disagrees(pos, None)
+
+
+def test_a_long_text_is_scored_off_the_loop_with_the_same_result(monkeypatch):
+    import asyncio
+    import threading
+
+    from app.service import score_text
+
+    threads: list[str] = []
+
+    def spy(text, language=None):
+        threads.append(threading.current_thread().name)
+        return text_sentiment(text, language)
+
+    monkeypatch.setattr(sentiment, "text_sentiment", spy)
+    long_text = "I waited an hour and nobody helped me, this is terrible service. " * 10
+    assert len(long_text) > sentiment.INLINE_MAX_CHARS
+    assert asyncio.run(score_text(long_text)) == text_sentiment(long_text)
+    assert asyncio.run(score_text("great")) == text_sentiment("great")
+    main = threading.main_thread().name
+    assert threads[0] != main and threads[1] == main  # long: a worker thread; short: inline
 
 
 def test_the_lexicon_ships_with_the_package_and_nothing_is_downloaded(monkeypatch):

@@ -93,6 +93,20 @@ def mean_sentiment(parts: Iterable[TextSentiment | None]) -> TextSentiment | Non
     )
 
 
+# voice labels that count as negative (CONTRACTS: angry, sad; and fearful/disgust in larger class sets)
+NEGATIVE_EMOTIONS = frozenset({"angry", "sad", "fearful", "disgust"})
+
+
+def disagrees(text: TextSentiment | None, voice_label: str | None) -> bool:
+    """Text and voice disagree: the words are positive while the voice is negative, or the words
+    are negative while the voice is happy (the one rule for summaries and the dashboard)."""
+    if text is None or not voice_label:
+        return False
+    if text.label == "positive":
+        return voice_label in NEGATIVE_EMOTIONS
+    return text.label == "negative" and voice_label == "happy"
+
+
 def warm_up() -> None:
     """Load the lexicon now (start-up) rather than on the first utterance."""
     _vader()
