@@ -26,6 +26,7 @@ class NoSpeechError(AudioError):
 
     status = 422
     code = "no_speech"
+    duration_s: float | None = None  # the input's length, when known (the OpenAI route answers empty text)
 
 
 class BadRequestError(ServiceError):

@@ -27,7 +27,9 @@ from fastapi_offline import FastAPIOffline
 from app.api import errors as api_errors
 from app.api import health, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
+from app.api.api_info import DESCRIPTION, VERSION
 from app.api.auth import RateLimits, install_log_redaction, require_api_key
+from app.api.openai_compat import router as openai_router
 from app.inference.admission import Admission
 from app.observability import RequestIdMiddleware, warn_unknown_env_vars
 from app.service import EmotionService
@@ -106,11 +108,8 @@ def create_app(
     # FastAPIOffline serves Swagger UI and ReDoc from the package's own files: /docs works offline.
     app = FastAPIOffline(
         title="Speech emotion recognition",
-        version="0.1.0",
-        description=(
-            "Transcript and emotion (neutral, happy, sad, angry) of speech, from four published multimodal "
-            "models and their ensemble. Errors are JSON `{error, detail}`."
-        ),
+        version=VERSION,
+        description=DESCRIPTION,
         lifespan=lifespan,
         responses=api_errors.VALIDATION_RESPONSES,  # every route: our {error, detail}, not FastAPI's 422
     )
@@ -143,4 +142,5 @@ def create_app(
     app.include_router(predict.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     app.include_router(stream.router, dependencies=secured)
     app.include_router(sessions.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
+    app.include_router(openai_router, dependencies=secured)  # errors in OpenAI's shape
     return app

@@ -8,12 +8,17 @@ with ``app.analysis.segmenter`` (the same cut streaming and training use), analy
 fairly against other requests), and combines them: the whole-input emotion is the mean of the
 segments' probabilities weighted by segment duration.
 
-Model selection (``models``): ``None`` or empty = every loaded model plus ``ensemble``; otherwise
-the listed model ids, and ``ensemble`` in the list adds an ``ensemble`` entry to ``per_model``
-(a list of only ``ensemble`` means every model plus the ensemble). The top-level
-``label``/``probabilities`` are always the ensemble of the requested models (``app.inference.ensemble``: the
-weighted mean of ``models/ensemble.json``, re-normalised over the subset; the single model's own
-probabilities when only one is requested).
+Model selection (``models``): ``None`` or empty = every loaded model; otherwise the listed model
+ids. The top-level ``label``/``score``/``ranking``/``probabilities`` are always the ensemble of the
+requested models (``app.inference.ensemble``: the weighted mean of ``models/ensemble.json``,
+re-normalised over the subset; the single model's own probabilities when only one is requested),
+and ``per_model`` holds one entry per requested model, never an ``ensemble`` entry (result shape
+v2). ``ensemble`` is still accepted in the list for 1.x clients: it adds nothing (the top level is
+the ensemble), and a list of only ``ensemble`` means every model.
+
+Text sentiment (``app.analysis.sentiment``, VADER) is computed per utterance next to the voice
+emotion; the whole input's is the mean of its segments'. A typical utterance costs well under a
+millisecond, so it is scored on the loop; a long one (``INLINE_MAX_CHARS``) in a thread.
 
 Thread-safety: an ``EmotionService`` belongs to the asyncio loop that ``start``s it (like its
 ``Engine``); its coroutines may run concurrently on that loop. Blocking work runs in the engine's
@@ -32,6 +37,7 @@ from typing import Literal
 import numpy as np
 
 from app import metrics
+from app.analysis import sentiment
 from app.analysis.asr import MAX_SAMPLES
 from app.analysis.audio import SAMPLE_RATE, Audio, ChannelMode
 from app.analysis.segmenter import Span, UtterancePolicy, split_utterances
@@ -39,7 +45,18 @@ from app.errors import NoSpeechError, NotReadyError, UnknownModelError
 from app.inference.engine import Engine, analysis_inputs
 from app.inference.ensemble import combine
 from app.inference.scheduler import Priority
-from app.schemas import Emotion, ModelEmotion, ModelInfo, PredictResponse, Timing, UtteranceResult, WordOut
+from app.schemas import (
+    AsrDecoding,
+    Emotion,
+    ModelEmotion,
+    ModelInfo,
+    PredictResponse,
+    TextSentiment,
+    Timing,
+    UtteranceResult,
+    WordOut,
+    role_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +89,14 @@ def _normalise(probs: np.ndarray) -> np.ndarray:
 def make_emotion(
     classes: Sequence[str],
     per_model: dict[str, np.ndarray],
-    include_ensemble: bool,
     weights: dict[str, float] | None = None,
 ) -> Emotion:
-    """Emotion from per-model probability vectors (all in ``classes`` order); the ensemble is their
-    mean weighted by ``weights`` (``app.inference.ensemble``; None = plain mean)."""
+    """Emotion from per-model probability vectors (all in ``classes`` order): each model in
+    ``per_model``, and at the top level their mean weighted by ``weights``
+    (``app.inference.ensemble``; None = plain mean)."""
     mean = _normalise(combine(per_model, weights))
-    entries = {
-        mid: ModelEmotion(label=_label(classes, p), probabilities=_probs_dict(classes, p))
-        for mid, p in per_model.items()
-    }
-    if include_ensemble:
-        entries[ENSEMBLE] = ModelEmotion(
-            label=_label(classes, mean), probabilities=_probs_dict(classes, mean)
-        )
-    return Emotion(label=_label(classes, mean), probabilities=_probs_dict(classes, mean), per_model=entries)
+    entries = {mid: ModelEmotion.of(_probs_dict(classes, p)) for mid, p in per_model.items()}
+    return Emotion.of(_probs_dict(classes, mean), entries)
 
 
 def weighted_emotion(
@@ -101,11 +111,19 @@ def weighted_emotion(
         return _normalise((arr * w[:, None]).sum(axis=0))
 
     top = mean_of(e.probabilities for e in emotions)
-    per_model = {}
-    for mid in emotions[0].per_model:
-        p = mean_of(e.per_model[mid].probabilities for e in emotions)
-        per_model[mid] = ModelEmotion(label=_label(classes, p), probabilities=_probs_dict(classes, p))
-    return Emotion(label=_label(classes, top), probabilities=_probs_dict(classes, top), per_model=per_model)
+    per_model = {
+        mid: ModelEmotion.of(_probs_dict(classes, mean_of(e.per_model[mid].probabilities for e in emotions)))
+        for mid in emotions[0].per_model
+    }
+    return Emotion.of(_probs_dict(classes, top), per_model)
+
+
+async def score_text(text: str, language: str | None = None) -> TextSentiment | None:
+    """``sentiment.text_sentiment`` from a coroutine: inline for a typical utterance (well under a
+    millisecond), in a thread for a long text so the event loop is not held."""
+    if len(text) <= sentiment.INLINE_MAX_CHARS:
+        return sentiment.text_sentiment(text, language)
+    return await asyncio.to_thread(sentiment.text_sentiment, text, language)
 
 
 def split_even(span: Span, max_samples: int) -> list[Span]:
@@ -132,6 +150,7 @@ class EmotionService:
 
     async def start(self) -> None:
         await self.engine.start()
+        await asyncio.to_thread(sentiment.warm_up)  # VADER's lexicon (~20 ms), not on the first utterance
 
     async def stop(self) -> None:
         await self.engine.stop()
@@ -162,7 +181,10 @@ class EmotionService:
         return [ModelInfo(id=m, variant=cards[m].variant, sha256=cards[m].sha256) for m in ids]
 
     def resolve_models(self, models: Sequence[str] | None) -> tuple[list[str], bool]:
-        """(model ids to run, include the ensemble entry); raises ``UnknownModelError``."""
+        """(model ids to run, whether ``ensemble`` was named or implied); raises ``UnknownModelError``.
+
+        The flag is kept for 1.x callers: since 2.0 the ensemble is always the top level and never
+        a ``per_model`` entry, so nothing depends on it."""
         if not self.ready:
             raise NotReadyError("the models are still loading", retry_after=self.settings.retry_after_s)
         requested = [m.strip() for m in (models or []) if m and m.strip()]
@@ -190,15 +212,16 @@ class EmotionService:
         timeout_s: float | None = None,
         count_audio: bool = True,
         priority: Priority = Priority.REST,
+        role: str | None = None,
     ) -> UtteranceResult:
         """Transcript + emotion of one utterance (16-kHz mono float32, <= ``max_utterance_s``).
 
-        ``key`` groups jobs for fair ASR scheduling (e.g. one per stream); ``priority`` is the ASR
-        lane class (REST for /v1/predict, FINAL for a stream's utterance results, PARTIAL for
+        ``key`` groups jobs for fair ASR scheduling (e.g. one per stream); ``role`` names the
+        channel (``roles=``, index = channel); ``priority`` is the ASR lane class (REST for /v1/predict, FINAL for a stream's utterance results, PARTIAL for
         interims); ``source`` labels the audio-seconds metric. Raises ``UnknownModelError``,
         ``QueueFull``, ``DeadlineExceededError``.
         """
-        ids, include_ensemble = self.resolve_models(models)
+        ids, _ = self.resolve_models(models)
         audio16k = np.ascontiguousarray(audio16k, dtype=np.float32).reshape(-1)
         duration = len(audio16k) / SAMPLE_RATE
         analysis = await self.engine.analyze(audio16k, key=key, priority=priority, timeout_s=timeout_s)
@@ -225,18 +248,23 @@ class EmotionService:
                 )
             )
         timing = analysis.timing_ms
+        transcript = analysis.transcript
         return UtteranceResult(
             channel=channel,
+            role=role,
             start=round(offset_s, 3),
             end=round(offset_s + duration, 3),
-            text=analysis.transcript.text,
-            language=analysis.transcript.language,
+            text=transcript.text,
+            language=transcript.language,
             words=words,
             emotion=make_emotion(
-                self.classes,
-                dict(zip(ids, probs, strict=True)),
-                include_ensemble,
-                self.engine.ensemble_weights,
+                self.classes, dict(zip(ids, probs, strict=True)), self.engine.ensemble_weights
+            ),
+            text_sentiment=await score_text(transcript.text, transcript.language),
+            decoding=AsrDecoding(
+                tokens=list(transcript.tokens),
+                avg_logprob=transcript.avg_logprob,
+                no_speech_prob=transcript.no_speech_prob,
             ),
             timing_ms=Timing(
                 asr=timing.get("asr", 0.0),
@@ -281,14 +309,24 @@ class EmotionService:
         source: str = "rest",
         decode_ms: float = 0.0,
         key: Hashable | None = None,
+        roles: Sequence[str] | None = None,
     ) -> PredictResponse:
         """Split ``audio`` into utterances per channel, analyse them, and combine the results.
 
+        ``roles`` names the channels (index = channel; a channel beyond the list has no role).
         Raises ``NoSpeechError`` when no channel contains speech (a silent channel in ``separate``
         mode simply contributes no segment).
         """
         response, _ = await self.predict_detailed(
-            audio, models, channels, include_words, segmentation, source=source, decode_ms=decode_ms, key=key
+            audio,
+            models,
+            channels,
+            include_words,
+            segmentation,
+            source=source,
+            decode_ms=decode_ms,
+            key=key,
+            roles=roles,
         )
         return response
 
@@ -303,13 +341,15 @@ class EmotionService:
         source: str = "rest",
         decode_ms: float = 0.0,
         key: Hashable | None = None,
+        roles: Sequence[str] | None = None,
     ) -> tuple[PredictResponse, list[UtteranceResult]]:
         """``predict`` plus the per-utterance results, in time order (the REST route stores them).
 
         ``key`` (default: a new one) is this request's identity in the fair ASR pool.
         """
         t0 = _ms()
-        ids, include_ensemble = self.resolve_models(models)
+        ids, _ = self.resolve_models(models)
+        role_names = list(roles) if roles else None
         if channels == "separate":
             tracks = [audio.samples[c] for c in range(audio.samples.shape[0])]
         else:
@@ -324,9 +364,10 @@ class EmotionService:
         jobs = [(c, r) for c, regions in enumerate(per_channel) for r in regions]
         metrics.AUDIO_SECONDS.labels(source=source).inc(audio.duration_s)
         if not jobs:
-            raise NoSpeechError("no speech was detected in the audio")
+            no_speech = NoSpeechError("no speech was detected in the audio")
+            no_speech.duration_s = audio.duration_s
+            raise no_speech
 
-        requested = ids + ([ENSEMBLE] if include_ensemble else [])
         # A long input may hold hundreds of utterances: keep one ASR batch of them queued at a time
         # (fair against other requests), so one request cannot fill the bounded ASR queue.
         lane = self.engine.asr_lane
@@ -336,8 +377,9 @@ class EmotionService:
             async with in_flight:
                 return await self.analyze_utterance(
                     tracks[c][r.start : r.end],
-                    requested,
+                    ids,
                     channel=c,
+                    role=role_of(role_names, c),
                     offset_s=r.start / SAMPLE_RATE,
                     key=key,
                     source=source,
@@ -348,11 +390,6 @@ class EmotionService:
         results.sort(key=lambda u: (u.start, u.channel))
         emotion = weighted_emotion(
             self.classes, [u.emotion for u in results], [u.duration_s for u in results]
-        )
-        words = (
-            sorted((w for u in results for w in u.words), key=lambda w: (w.start, w.end))
-            if include_words
-            else []
         )
         timing = Timing(  # stages summed over segments (they overlap in time); VAD counts as asr
             decode=decode_ms,
@@ -365,9 +402,9 @@ class EmotionService:
             duration_s=round(audio.duration_s, 3),
             transcript=" ".join(u.text for u in results if u.text).strip(),
             language=results[0].language or (self.settings.asr_language or ""),
-            words=words,
             segments=[u.to_segment(include_words) for u in results],
             emotion=emotion,
+            text_sentiment=sentiment.mean_sentiment(u.text_sentiment for u in results),
             models=self.model_infos(ids),
             timing_ms=timing,
         ), results

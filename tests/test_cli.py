@@ -52,8 +52,14 @@ def test_predict_prints_json_lines(model_dir, tmp_path):
 
     ok = lines[0]
     PredictResponse.model_validate({k: v for k, v in ok.items() if k != "file"})
-    assert "door" in ok["transcript"].lower() and ok["words"]
+    assert "door" in ok["transcript"].lower() and "words" not in ok  # v2: words in the segments only
+    assert all(s["words"] for s in ok["segments"])  # --words
     assert abs(sum(ok["emotion"]["probabilities"].values()) - 1) < 1e-6
+    assert (
+        "ensemble" not in ok["emotion"]["per_model"]
+        and ok["emotion"]["ranking"][0]["label"] == ok["emotion"]["label"]
+    )
+    assert ok["text_sentiment"]["source"] == "vader"
 
     assert lines[1] == {"file": str(garbage), "error": "unsupported_audio", "detail": lines[1]["detail"]}
     assert {s["channel"] for s in lines[2]["segments"]} == {0, 1}

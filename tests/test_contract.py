@@ -1,6 +1,8 @@
 """The documented contract matches what the server sends: every 422 (and 401/503 of the session
-routes) is ``{error, detail}`` in the OpenAPI spec; deeply nested JSON on the WebSocket is a client
-error (1007), not a server fault (1011). A stub service: no models are loaded."""
+routes) is ``{error, detail}`` in the OpenAPI spec, except on the OpenAI-compatible route, whose
+errors (401 included, raised by the API-key dependency) have OpenAI's shape; the API version is
+2.0.0 (result shape v2); deeply nested JSON on the WebSocket is a client error (1007), not a server
+fault (1011). A stub service: no models are loaded."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from app.store import StoreBusy
 from tests.test_health import StubService
 
 ERROR_REF = "#/components/schemas/ErrorBody"
+OPENAI_ERROR_REF = "#/components/schemas/OpenAIErrorBody"
+OPENAI_PATH = "/v1/audio/transcriptions"
 
 
 def schema_ref(op: dict, status: str) -> str | None:
@@ -30,7 +34,40 @@ def test_every_422_is_the_error_body(spec):
     ops = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
     assert ops
     for path, method, op in ops:
-        assert schema_ref(op, "422") == ERROR_REF, (path, method)
+        assert schema_ref(op, "422") == (OPENAI_ERROR_REF if path == OPENAI_PATH else ERROR_REF), (
+            path,
+            method,
+        )
+
+
+def test_api_version_and_the_changes_it_lists(spec):
+    info = spec["info"]
+    assert info["version"] == "2.0.0"
+    for moved in ("Changes in 2.0", "ranking", "per_model", "ensemble", "words", "roles", "text_sentiment"):
+        assert moved in info["description"], moved
+    op = spec["paths"][OPENAI_PATH]["post"]
+    for status in ("400", "401", "503"):
+        assert schema_ref(op, status) == OPENAI_ERROR_REF, status
+    assert "text/plain" in op["responses"]["200"]["content"]
+    form = op["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert {"file", "model", "response_format", "timestamp_granularities[]"} <= set(form)
+
+
+def test_openai_route_answers_a_missing_key_in_openais_shape():
+    settings = Settings(api_keys=["k1"], auth_fail_burst=0)
+    with TestClient(create_app(settings, StubService(), store=None)) as c:
+        r = c.post(OPENAI_PATH, files={"file": ("a.wav", b"RIFF")})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        assert r.json() == {
+            "error": {
+                "message": r.json()["error"]["message"],
+                "type": "authentication_error",
+                "param": None,
+                "code": "unauthorized",
+            }
+        }
+        # the rest of the API keeps its own shape
+        assert c.post("/v1/predict").json()["error"] == "unauthorized"
 
 
 def test_session_routes_declare_401_and_503(spec):

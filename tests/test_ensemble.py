@@ -44,13 +44,15 @@ def test_combine_weights_and_subsets():
     )  # all-zero subset: plain mean
 
 
-def test_make_emotion_uses_the_weights_for_label_and_ensemble_entry():
+def test_make_emotion_uses_the_weights_for_the_top_level():
     per_model = {"a": np.array([0.6, 0.4, 0, 0]), "b": np.array([0.0, 0.9, 0.1, 0])}
-    plain = make_emotion(CLASSES, per_model, True)
-    weighted = make_emotion(CLASSES, per_model, True, {"a": 0.9, "b": 0.1})
+    plain = make_emotion(CLASSES, per_model)
+    weighted = make_emotion(CLASSES, per_model, {"a": 0.9, "b": 0.1})
     assert plain.label == "happy" and weighted.label == "neutral"
-    assert weighted.per_model["ensemble"].probabilities["neutral"] == pytest.approx(0.54)
-    assert weighted.per_model["b"].label == "happy"
+    assert weighted.probabilities["neutral"] == pytest.approx(0.54) == weighted.score
+    assert [r.label for r in weighted.ranking] == ["neutral", "happy", "sad", "angry"]
+    assert set(weighted.per_model) == {"a", "b"}  # the ensemble is the top level, not an entry
+    assert weighted.per_model["b"].label == "happy" and weighted.per_model["b"].score == pytest.approx(0.9)
 
 
 def _run_report(model, probs, y, fold):

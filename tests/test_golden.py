@@ -2,7 +2,8 @@
 recorded segments, labels and probabilities on the fixture clips (``tests/golden/record.py``).
 
 Default settings throughout (bundled tiny.en, MiniLM, ``models/``): this is what ``make serve``
-runs. A change anywhere on the feature path (decoding, utterance cut, ASR decoding, text
+runs. The file's ``ensemble`` entry is the response's top-level emotion (result shape v2 has no
+``per_model.ensemble``; the file and its numbers did not change with the shape). A change anywhere on the feature path (decoding, utterance cut, ASR decoding, text
 encoder, acoustic features, the feature digest) that the models were not retrained for fails here.
 """
 
@@ -13,7 +14,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.golden.record import GOLDEN, predict_all, wait_ready
+from tests.golden.record import FIXTURES, GOLDEN, predict_all, wait_ready
 
 # The same machine reproduces the probabilities to ~1e-6; another CPU's int8/float kernels may
 # round differently, so the check allows 0.01 per probability and requires identical labels, text
@@ -22,15 +23,20 @@ PROB_TOLERANCE = 0.01
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def client(tmp_path_factory):
     from app.main import create_app
     from app.settings import Settings
 
     # default settings; only the session database goes to a temporary file
     settings = Settings(sqlite_path=tmp_path_factory.mktemp("golden") / "sessions.db")
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client)
-        yield predict_all(client)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def served(client):
+    return predict_all(client)
 
 
 def test_shipped_models_give_the_recorded_results(served):
@@ -50,3 +56,20 @@ def test_shipped_models_give_the_recorded_results(served):
             for model, probs in w["per_model"].items():
                 for label, p in probs.items():
                     assert abs(g["per_model"][model][label] - p) <= PROB_TOLERANCE, (clip, model, label)
+
+
+def test_shipped_models_serve_result_shape_v2(client):
+    """The default app answers in result shape v2 with the shipped models (one clip)."""
+    golden = json.loads(GOLDEN.read_text())["dogs_neutral_a02.flac"]["segments"][0]
+    clip = FIXTURES / "dogs_neutral_a02.flac"
+    body = client.post("/v1/predict", files={"file": (clip.name, clip.read_bytes())}).json()
+    seg = body["segments"][0]
+    emotion = seg["emotion"]
+    assert (
+        set(emotion["per_model"])
+        == {m["id"] for m in body["models"]}
+        == set(golden["per_model"]) - {"ensemble"}
+    )
+    assert emotion["label"] == golden["label"] and emotion["ranking"][0]["label"] == golden["label"]
+    assert abs(emotion["score"] - golden["per_model"]["ensemble"][golden["label"]]) <= PROB_TOLERANCE
+    assert seg["text_sentiment"]["label"] == "neutral" and "words" not in seg and "words" not in body

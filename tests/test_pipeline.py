@@ -30,6 +30,10 @@ def test_analysis_is_consistent(analysis, clip):
     assert analysis.transcript.encoder_frames.shape[0] == math.ceil(len(clip) / 320)
     assert len(analysis.text) == len(analysis.transcript.words) == 6
     assert set(analysis.timing_ms) == {"asr", "text"}  # acoustic inputs: computed per model input
+    # the decoder's own statistics travel with the transcript (the OpenAI-compatible route reports them)
+    tr = analysis.transcript
+    assert tr.tokens and all(isinstance(t, int) for t in tr.tokens)
+    assert -1.0 < tr.avg_logprob < 0.0 and 0.0 <= tr.no_speech_prob < 0.6
 
 
 def test_model_inputs_shapes_and_masks(analysis, clip):

@@ -99,8 +99,12 @@ def test_realtime_stream_partials_finals_and_end(two_utt_run):
     for f in finals:
         assert f["reason"] == "end_of_speech"
         assert set(f["emotion"]["probabilities"]) == {"neutral", "happy", "sad", "angry"}
-        assert f["words"] and all(0 <= w["confidence"] <= 1 for w in f["words"])
-        assert f["start"] <= f["words"][0]["start"] and f["words"][-1]["end"] <= f["end"] + 0.05
+        # result shape v2: ranking, no ensemble entry, no role without roles, text sentiment, and
+        # no words unless the start message asks (the stored result keeps them)
+        assert f["emotion"]["ranking"][0]["label"] == f["emotion"]["label"]
+        assert "ensemble" not in f["emotion"]["per_model"] and f["emotion"]["per_model"]
+        assert f["role"] is None and f["text_sentiment"]["source"] == "vader"
+        assert "words" not in f
         # measured, positive and bounded by the test's own duration; speed itself is bench/stream_bench.py's job
         assert 0 < f["latency_ms"] < 60_000
     assert 0.6 < finals[0]["start"] < 1.2 and 5.7 < finals[1]["start"] < 6.3
@@ -137,6 +141,10 @@ def test_every_utterance_stored_exactly_once(server, two_utt_run):
     assert [(s["start"], s["end"], s["text"]) for s in stored] == [
         (f["start"], f["end"], f["text"]) for f in finals
     ]
+    for s, f in zip(stored, finals, strict=True):  # the store keeps the words the finals left out
+        assert s["words"] and all(0 <= w["confidence"] <= 1 for w in s["words"])
+        assert s["start"] <= s["words"][0]["start"] and s["words"][-1]["end"] <= s["end"] + 0.05
+        assert (s["emotion"], s["text_sentiment"], s["role"]) == (f["emotion"], f["text_sentiment"], None)
     view = server.get("/v1/sessions/two-utt").json()
     assert view["result_count"] == 2 and view["source"] == "stream" and view["emotion"]["n"] == 2
     assert sum(view["emotion"]["counts"].values()) == 2

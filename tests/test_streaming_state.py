@@ -22,7 +22,7 @@ from app.analysis.segmenter import (
 from app.analysis.vad import StreamingVAD
 from app.errors import QueueFull
 from app.inference.scheduler import Priority
-from app.schemas import Emotion, WordOut
+from app.schemas import Emotion, TextSentiment, WordOut
 from app.settings import Settings
 from app.store.sqlite import SQLiteStore
 from app.streaming.audio import ArrivalClock, ChannelResampler, InvalidAudioFrame, PcmDecoder
@@ -203,6 +203,7 @@ class FakeBackend:
     every partial pass (``QueueFull``), as it does under load."""
 
     WORDS = ["kids", "are", "talking", "by", "the", "door", "dogs", "are", "sitting"]
+    SENTIMENT = TextSentiment(label="negative", compound=-0.4, pos=0.0, neu=0.7, neg=0.3)
 
     def __init__(self):
         self.analyzed: list[tuple[int, float, int]] = []
@@ -223,7 +224,9 @@ class FakeBackend:
             self.analyzed.append((channel, round(offset_s, 3), len(audio)))
         emotion = Emotion(label="neutral", probabilities={"neutral": 0.75, "sad": 0.25})
         word = WordOut(word="w", start=offset_s, end=offset_s + 0.1, confidence=0.9)
-        return UtteranceOutput(text=f"ch{channel}@{offset_s:.2f}", words=[word], emotion=emotion)
+        return UtteranceOutput(
+            text=f"ch{channel}@{offset_s:.2f}", words=[word], emotion=emotion, text_sentiment=self.SENTIMENT
+        )
 
     async def transcribe_words(self, audio, key):
         self.priorities.append(("transcribe", Priority.PARTIAL))
@@ -244,7 +247,9 @@ class SimClock:
         return self.now
 
 
-async def make_session(tmp_path, backend, channels=1, sample_rate=SR, **overrides):
+async def make_session(
+    tmp_path, backend, channels=1, sample_rate=SR, start_cls=StartMessage, start=None, **overrides
+):
     settings = Settings(**{"stream_partial_every_s": 0.5, **overrides})
     store = SQLiteStore(tmp_path / "s.db")
     sent: list = []
@@ -253,7 +258,7 @@ async def make_session(tmp_path, backend, channels=1, sample_rate=SR, **override
         sent.append(msg)
 
     clock = SimClock()
-    start = StartMessage(type="start", sample_rate=sample_rate, channels=channels)
+    start = start_cls(type="start", sample_rate=sample_rate, channels=channels, **(start or {}))
     session = StreamSession(
         session_id="sess-1",
         start=start,
@@ -338,6 +343,41 @@ def test_session_stereo_channels_are_independent(tmp_path, two_utt):
         await store.close()
 
     asyncio.run(body())
+
+
+class StartV2(StartMessage):
+    """The start message's ``roles`` and ``words`` (the session reads them when present)."""
+
+    roles: list[str] | None = None
+    words: bool = False
+
+
+def test_finals_have_shape_v2_words_only_when_asked(tmp_path, two_utt):
+    async def body(start_fields: dict, db: str):
+        backend = FakeBackend()
+        session, store, sent, clock = await make_session(
+            tmp_path / db, backend, channels=2, start_cls=StartV2, start=start_fields
+        )
+        stereo = np.stack([two_utt, np.zeros_like(two_utt)], axis=1)  # speech on the left only
+        stereo[: len(two_utt) // 2, 1] = two_utt[: len(two_utt) // 2]  # and the first utterance right
+        await feed_realtime(session, clock, frames(stereo))
+        await session.finish("stop")
+        finals = [m for m in sent if isinstance(m, FinalMessage)]
+        stored = await store.results("sess-1")
+        await store.close()
+        return finals, stored
+
+    for db, fields in (("plain", {}), ("asked", {"roles": ["agent", "customer"], "words": True})):
+        (tmp_path / db).mkdir()
+        finals, stored = asyncio.run(body(fields, db))
+        assert sorted(f.channel for f in finals) == [0, 0, 1]
+        for f, r in zip(finals, stored, strict=True):
+            role = ("agent", "customer")[f.channel] if fields else None
+            assert f.role == r["role"] == role
+            assert f.text_sentiment == FakeBackend.SENTIMENT and r["text_sentiment"]["label"] == "negative"
+            assert r["words"] and r["words"][0]["confidence"] == 0.9  # the store keeps the words
+            wire = f.model_dump(mode="json")
+            assert ("words" in wire) == bool(fields) and wire["emotion"]["ranking"][0]["label"] == "neutral"
 
 
 def test_session_backpressure_pauses_reading_and_drops_nothing(tmp_path, two_utt):

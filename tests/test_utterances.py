@@ -139,15 +139,20 @@ def test_rest_whole_mode_keeps_the_channel_as_one_segment(server, rest_segments)
 def test_streamed_finals_match_rest_segments(server, recording, rest_segments):
     audio, _ = recording
     segments, _ = rest_segments
-    run = asyncio.run(stream_audio(audio, 16000, server.ws, realtime=False, timeout_s=180))
+    run = asyncio.run(
+        stream_audio(audio, 16000, server.ws, realtime=False, timeout_s=180, session_id="parity")
+    )
     finals = run.of_type("final")
     assert len(finals) == len(segments)
-    for f, s in zip(finals, segments, strict=True):
+    # finals carry words only when the start message asks; the stored results keep them
+    stored = httpx.get(server.base + "/v1/sessions/parity/results?words=true", timeout=30).json()["results"]
+    assert [r["text"] for r in stored] == [f["text"] for f in finals]
+    for f, r, s in zip(finals, stored, segments, strict=True):
         assert (
             abs(f["start"] - s["start"]) <= TIME_TOLERANCE_S and abs(f["end"] - s["end"]) <= TIME_TOLERANCE_S
         )
         assert f["text"] == s["text"]
-        assert [w["word"] for w in f["words"]] == [w["word"] for w in s["words"]]
+        assert [w["word"] for w in r["words"]] == [w["word"] for w in s["words"]]
         for model, fe in f["emotion"]["per_model"].items():
             se = s["emotion"]["per_model"][model]["probabilities"]
             for label, p in fe["probabilities"].items():

@@ -80,6 +80,10 @@ class Transcript:
     encoder_frame_rate: float = ENCODER_FRAME_RATE
     duration_s: float = 0.0
     timing_ms: dict[str, float] = field(default_factory=dict)
+    # the decoder's own statistics (the OpenAI-compatible route reports them per segment)
+    tokens: list[int] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
 
 
 BUNDLED_NAME = "tiny.en"  # FeatureConfig.asr_model of the bundled model
@@ -385,6 +389,9 @@ class Recognizer:
                     encoder_frames=np.ascontiguousarray(frames[i, :n_frames]),
                     duration_s=durations[i],
                     timing_ms={},
+                    tokens=list(decoded[i].tokens),
+                    avg_logprob=decoded[i].avg_logprob,
+                    no_speech_prob=decoded[i].no_speech_prob,
                 )
             )
         return out

@@ -2,8 +2,16 @@
 emotion out; ``GET /v1/models``: what is loaded.
 
 Options come as query parameters or as multipart form fields (a query parameter wins when both
-are given): ``models`` (comma-separated ids; default all + ensemble), ``channels`` (mix|separate),
-``words`` (bool), ``segmentation`` (utterance|whole), ``session_id`` (store each segment in that session and return the ``seq``s).
+are given): ``models`` (comma-separated ids; default all; the top level is always their weighted
+ensemble, and ``ensemble`` in the list is accepted and adds nothing), ``channels`` (mix|separate),
+``words`` (bool: each segment's words; absent otherwise), ``segmentation`` (utterance|whole),
+``roles`` (comma-separated names of the channels, index = channel, e.g. ``agent,customer`` with
+``channels=separate``: each segment's ``role``), ``session_id`` (store each segment in that session
+and return the ``seq``s).
+
+The response is result shape v2 (``app.schemas``); ``/predict`` is an alias of ``/v1/predict`` with
+the same (v2) response: one shape, not two. ``run_analysis`` is the whole path, shared with the
+OpenAI-compatible route (``app.api.openai_compat``).
 
 Order of checks, cheapest first: API key, readiness, admission (estimated queueing wait, then the
 upload-bytes budget), upload size, options, model ids, the decoded-samples budget by the declared
@@ -14,7 +22,9 @@ ASR) runs in the service's worker pool, never on the event loop.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -24,14 +34,15 @@ from app.analysis import decoding
 from app.analysis.audio import AudioLimits
 from app.api.auth import principal_of
 from app.api.sessions import SessionNotFoundError, may_use_session, owner_kwargs
-from app.api.upload import read_upload
+from app.api.upload import Upload, read_upload
 from app.errors import InvalidOptionError, NotReadyError, StoreUnavailableError
 from app.inference import admission as admission_control
-from app.schemas import ErrorBody, PredictResponse
+from app.schemas import ErrorBody, PredictResponse, UtteranceResult
 from app.service import new_request_key
 from app.store import SessionNotFound
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # same rule as the streaming protocol
+ROLE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # a role names a channel: agent, customer, ...
 
 router = APIRouter(tags=["predict"])
 
@@ -46,6 +57,7 @@ class PredictOptions(BaseModel):
     words: bool = False
     segmentation: Literal["utterance", "whole"] = "utterance"
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    roles: list[str] | None = None
 
     @field_validator("models", mode="before")
     @classmethod
@@ -53,6 +65,33 @@ class PredictOptions(BaseModel):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return value or None
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _split_roles(cls, value):
+        if isinstance(value, str):
+            # empty entries are kept (and refused below): dropping one would shift the channels
+            value = [part.strip() for part in value.split(",")] if value.strip() else []
+        return value or None
+
+    @field_validator("roles")
+    @classmethod
+    def _check_roles(cls, value: list[str] | None) -> list[str] | None:
+        for i, role in enumerate(value or []):
+            if not ROLE_PATTERN.fullmatch(role):
+                raise ValueError(
+                    f"role {i} ({role!r}) must be 1-32 letters, digits, '.', '_' or '-' (one name per channel)"
+                )
+        return value
+
+
+def check_roles(roles: list[str] | None, channels: int) -> None:
+    """``roles`` name channels (index = channel): more names than analysed channels is an error."""
+    if roles and len(roles) > channels:
+        hint = " (use channels=separate to analyse each channel of a stereo call)" if channels == 1 else ""
+        raise InvalidOptionError(
+            f"roles: {len(roles)} role(s) given for {channels} analysed channel(s){hint}"
+        )
 
 
 def _options(query: dict[str, object], fields: dict[str, str]) -> PredictOptions:
@@ -104,6 +143,7 @@ _BODY: dict[str, Any] = {
                         "channels": {"type": "string", "enum": ["mix", "separate"]},
                         "words": {"type": "boolean"},
                         "segmentation": {"type": "string", "enum": ["utterance", "whole"]},
+                        "roles": {"type": "string"},
                         "session_id": {"type": "string"},
                     },
                 }
@@ -117,12 +157,16 @@ _BODY: dict[str, Any] = {
 async def predict(
     request: Request,
     models: str | None = Query(
-        None, description="comma-separated model ids and/or `ensemble`; default all + ensemble"
+        None,
+        description="comma-separated model ids; default all. `emotion` is always their weighted ensemble "
+        "and `per_model` holds each of them; `ensemble` is accepted (1.x) and adds nothing",
     ),
     channels: Literal["mix", "separate"] | None = Query(
         None, description="mix (default) or separate (stereo calls)"
     ),
-    words: bool | None = Query(None, description="include word timings and confidences"),
+    words: bool | None = Query(
+        None, description="include each segment's words with timings and confidences (absent otherwise)"
+    ),
     segmentation: Literal["utterance", "whole"] | None = Query(
         None,
         description="utterance (default): one segment per utterance, cut as streaming and training cut "
@@ -131,7 +175,30 @@ async def predict(
     session_id: str | None = Query(
         None, pattern=SESSION_ID_PATTERN, description="store the segments in this session"
     ),
+    roles: str | None = Query(
+        None,
+        description="comma-separated names of the channels, index = channel (e.g. `agent,customer` with "
+        "`channels=separate`): each segment's `role`; at most one per analysed channel",
+    ),
 ) -> PredictResponse:
+    query: dict[str, object] = {
+        "models": models,
+        "channels": channels,
+        "words": words,
+        "segmentation": segmentation,
+        "session_id": session_id,
+        "roles": roles,
+    }
+    response, _ = await run_analysis(request, lambda upload: _options(query, upload.fields))
+    return response
+
+
+async def run_analysis(
+    request: Request, parse: Callable[[Upload], PredictOptions]
+) -> tuple[PredictResponse, list[UtteranceResult]]:
+    """The whole predict path for one upload: readiness, admission, upload, ``parse`` (the request's
+    options from the upload's form fields; may raise), decoding, analysis, and storing in
+    ``session_id``. Returns the response and the per-utterance results in time order."""
     app = request.app
     settings, service = app.state.settings, app.state.service
     if not service.ready:
@@ -140,19 +207,7 @@ async def predict(
     ticket = admission.work.admit()  # 503 when the work already queued would make this one wait too long
     uploaded, decoded = admission.upload.reserve(), admission.decoded.reserve()
     try:
-        return await _predict(
-            request,
-            settings,
-            service,
-            ticket,
-            uploaded,
-            decoded,
-            models,
-            channels,
-            words,
-            segmentation,
-            session_id,
-        )
+        return await _predict(request, settings, service, ticket, uploaded, decoded, parse)
     finally:
         ticket.done()  # a cost sample once the audio was decoded (the work ran, whatever came of it)
         uploaded.release()
@@ -166,25 +221,13 @@ async def _predict(
     ticket: admission_control.Ticket,
     uploaded: admission_control.Reservation,
     decoded: admission_control.Reservation,
-    models: str | None,
-    channels: Literal["mix", "separate"] | None,
-    words: bool | None,
-    segmentation: Literal["utterance", "whole"] | None,
-    session_id: str | None,
-) -> PredictResponse:
+    parse: Callable[[Upload], PredictOptions],
+) -> tuple[PredictResponse, list[UtteranceResult]]:
     app = request.app
     upload = await read_upload(request, settings.max_upload_bytes, uploaded)
-    opts = _options(
-        {
-            "models": models,
-            "channels": channels,
-            "words": words,
-            "segmentation": segmentation,
-            "session_id": session_id,
-        },
-        upload.fields,
-    )
+    opts = parse(upload)
     service.resolve_models(opts.models)  # unknown ids fail before any decoding
+    check_roles(opts.roles, 1 if opts.channels == "mix" else settings.max_channels)
     store = getattr(app.state, "store", None)
     if opts.session_id and store is None:
         raise StoreUnavailableError("sessions are not available on this server (no session store)")
@@ -206,6 +249,8 @@ async def _predict(
     uploaded.release()
     decoded.resize(audio.samples.nbytes)  # the actual decoded size from now on
     ticket.set_audio(audio.duration_s)
+    if opts.channels == "separate":
+        check_roles(opts.roles, audio.samples.shape[0])
     response, results = await service.predict_detailed(
         audio,
         opts.models,
@@ -215,6 +260,7 @@ async def _predict(
         source="rest",
         decode_ms=decode_ms,
         key=key,
+        roles=opts.roles,
     )
     if opts.session_id and store is not None:  # a session id without a store was refused above
         view = await may_use_session(store, opts.session_id, principal)
@@ -227,14 +273,17 @@ async def _predict(
         response.seq = [
             await store.append_result(opts.session_id, u.to_store(source="rest")) for u in results
         ]
-    return response
+    return response, results
 
 
 _DESCRIPTION = (
     "Upload audio as multipart field `file` or as the raw body with `Content-Type: audio/*`. Speech is split "
     "into utterances per channel (Silero VAD; 500 ms of silence ends one, at most 15 s; the same cut as "
-    "streaming), or kept whole with `segmentation=whole`; each gets a transcript and per-model emotion "
-    "probabilities; `emotion` is their duration-weighted mean. Errors are `{error, detail}`."
+    "streaming), or kept whole with `segmentation=whole`. Each segment gets a transcript, the VOICE "
+    "`emotion` (label, score, ranking, probabilities of the weighted ensemble, and `per_model`) and the "
+    "TEXT sentiment of its words (`text_sentiment`, VADER); `role` names its channel (`roles=`); `words` "
+    "only with `words=true`. The top-level `emotion` is the segments' duration-weighted mean and "
+    "`text_sentiment` the mean of theirs. Errors are `{error, detail}`."
 )
 
 

@@ -32,6 +32,7 @@ class Upload:
     filename: str | None = None
     content_type: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
+    lists: dict[str, list[str]] = field(default_factory=dict)  # every value of each text field, in order
 
 
 def _too_large(limit: int) -> UploadTooLargeError:
@@ -90,7 +91,11 @@ async def read_upload(request: Request, limit: int, reservation: Reservation | N
                 raise MissingFileError("multipart body without a `file` part holding the audio")
             data = await upload.read()
             fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-            return Upload(data, upload.filename, upload.content_type, fields)
+            lists: dict[str, list[str]] = {}
+            for k, v in form.multi_items():
+                if isinstance(v, str):
+                    lists.setdefault(k, []).append(v)
+            return Upload(data, upload.filename, upload.content_type, fields, lists)
         finally:
             await form.close()
     if media.startswith("audio/") or media in RAW_TYPES:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from app.schemas import Emotion, WordOut
+from app.schemas import Emotion, TextSentiment, WordOut, WordsOnRequest
 
 ENCODINGS = {"pcm_s16le": 2, "f32le": 4}  # bytes per sample
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -89,17 +89,21 @@ class PartialMessage(BaseModel):
     unconfirmed: str = Field(description="the rest of the latest hypothesis; may change")
 
 
-class FinalMessage(BaseModel):
+class FinalMessage(WordsOnRequest):
+    """One utterance's result (result shape v2, as stored), plus the stream's own fields."""
+
     type: Literal["final"] = "final"
     seq: int | None = Field(description="sequence number in the session store; null if storing failed")
     session_id: str
     channel: int
+    role: str | None = Field(None, description="the channel's name from the start message's `roles`")
     utterance: int
     start: float
     end: float
     text: str
-    words: list[WordOut] = Field(default_factory=list)
+    words: list[WordOut] | None = Field(None, description="only when the start message asked for words")
     emotion: Emotion | None
+    text_sentiment: TextSentiment | None = Field(None, description="TEXT sentiment of `text` (VADER)")
     reason: Literal["end_of_speech", "max_length", "stop", "disconnect", "idle", "error"]
     latency_ms: float = Field(description="from the arrival of the frame in which the speech ended")
 

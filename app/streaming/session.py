@@ -65,7 +65,7 @@ from app.analysis.segmenter import (
     UtteranceStart,
 )
 from app.inference.scheduler import Priority
-from app.schemas import Emotion, WordOut
+from app.schemas import Emotion, TextSentiment, WordOut, role_of
 from app.streaming.audio import ArrivalClock, ChannelResampler, PcmDecoder
 from app.streaming.local_agreement import LocalAgreement
 from app.streaming.protocol import (
@@ -95,6 +95,7 @@ class UtteranceOutput:
     words: list[WordOut]
     emotion: Emotion | None
     extra: dict[str, Any] = field(default_factory=dict)  # stored with the result (language, timing)
+    text_sentiment: TextSentiment | None = None
 
 
 class StreamBackend(Protocol):
@@ -535,14 +536,19 @@ class StreamSession:
             )
             return
         start_s, end_s = round(job.start / SAMPLE_RATE, 3), round(job.end / SAMPLE_RATE, 3)
+        # result shape v2: the start message's ``roles`` name the channels; the store keeps the
+        # words always, the final carries them only when the start message asked (``words``)
+        role = role_of(getattr(self.start_msg, "roles", None), job.channel)
         result = {
             "channel": job.channel,
+            "role": role,
             "utterance": job.utterance,
             "start": start_s,
             "end": end_s,
             "text": out.text,
             "words": [w.model_dump() for w in out.words],
             "emotion": out.emotion.model_dump() if out.emotion is not None else None,
+            "text_sentiment": out.text_sentiment.model_dump() if out.text_sentiment is not None else None,
             "reason": job.reason,
             "source": "stream",
             **out.extra,
@@ -569,12 +575,14 @@ class StreamSession:
                 seq=seq,
                 session_id=self.session_id,
                 channel=job.channel,
+                role=role,
                 utterance=job.utterance,
                 start=start_s,
                 end=end_s,
                 text=out.text,
-                words=out.words,
+                words=out.words if getattr(self.start_msg, "words", False) else None,
                 emotion=out.emotion,
+                text_sentiment=out.text_sentiment,
                 reason=job.reason,
                 latency_ms=round(latency_ms, 1),
             )
@@ -671,8 +679,8 @@ class ServiceBackend:
         self.service = service
 
     def resolve_models(self, models: Sequence[str] | None) -> list[str]:
-        ids, include_ensemble = self.service.resolve_models(models)
-        return ids + (["ensemble"] if include_ensemble else [])
+        ids, _ = self.service.resolve_models(models)
+        return ids  # the models in every ``per_model``; the ensemble is the top level (shape v2)
 
     def _low_timeout(self, priority: Priority) -> float | None:
         """Partial/interim results are stale after a few seconds: do not wait for them longer."""
@@ -698,6 +706,7 @@ class ServiceBackend:
             words=list(r.words),
             emotion=r.emotion,
             extra={"language": r.language, "timing_ms": r.timing_ms.model_dump()},
+            text_sentiment=r.text_sentiment,
         )
 
     async def transcribe_words(self, audio16k, key) -> list[str]:

@@ -41,7 +41,12 @@ def predict_all(client: TestClient) -> dict[str, dict]:
                     "end": s["end"],
                     "text": s["text"],
                     "label": s["emotion"]["label"],
-                    "per_model": {m: e["probabilities"] for m, e in s["emotion"]["per_model"].items()},
+                    # the file's "ensemble" entry is the v2 top level (1.x had it in per_model): the
+                    # file and its numbers did not change with the result shape
+                    "per_model": {
+                        **{m: e["probabilities"] for m, e in s["emotion"]["per_model"].items()},
+                        "ensemble": s["emotion"]["probabilities"],
+                    },
                 }
                 for s in body["segments"]
             ],
