@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from app.jobs import webhooks as webhook_module
 from app.jobs.store import JobStore
 from app.jobs.webhooks import verify
 from tests.jobs_support import SECRET, JobServer, Receiver, long_recording_wav, wait_for
-from tests.serving_helpers import ANGRY
+from tests.serving_helpers import ANGRY, STEREO
 from tests.stream_support import free_port
 
 ALICE, BOB, ROOT = "ka", "kb", "root-key"
@@ -154,6 +155,33 @@ def test_the_job_webhook_arrives_signed_and_is_visible(server, finished, receive
     assert payload["data"]["job"]["status"] == "done" and payload["data"]["job"]["result"]["segments"] == 4
 
 
+def test_separate_channels_get_their_roles_in_a_session_the_client_named(server):
+    r = server.request(
+        "POST",
+        "/v1/jobs?channels=separate&roles=agent,customer&session_id=call-7",
+        BOB,
+        files={"file": ("call.wav", STEREO.read_bytes(), "audio/wav")},
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["session_id"] == "call-7" and r.json()["file"]["channels"] == 2
+    done = wait_status(server, r.json()["job_id"])
+    assert done["status"] == "done", done["error"]
+    results = server.request("GET", "/v1/sessions/call-7/results", BOB).json()["results"]
+    assert {(x["channel"], x["role"]) for x in results} == {(0, "agent"), (1, "customer")}
+    session = server.request("GET", "/v1/sessions/call-7", BOB).json()
+    assert session["state"] == "active" and session["tenant"] == "bob"  # the client's session stays open
+
+
+def test_the_event_bus_can_enqueue_session_ended(server, receiver):
+    """``app.jobs.webhooks.enqueue``: what the lead calls when a session ends."""
+    delivery_id = asyncio.run(webhook_module.enqueue("hook", "session.ended", {"session_id": "call-7"}))
+    assert delivery_id is not None
+    hit = wait_for(lambda: hits_for(receiver, delivery_id))[0]
+    assert hit.headers["X-Emotion-Event"] == "session.ended"
+    assert verify(SECRET, hit.body, hit.headers["X-Emotion-Signature"])
+    assert json.loads(hit.body)["data"] == {"session_id": "call-7"}
+
+
 def test_webhook_names_must_be_configured_for_the_caller(server, recording):
     wav, _ = recording
     before = len(server.request("GET", "/v1/jobs?limit=1000", ROOT).json()["jobs"])
@@ -181,6 +209,13 @@ def test_bad_input_gets_the_same_errors_as_predict(server):
     assert r.status_code == 400 and r.json()["error"] == "unknown_model"
     r = post_job(server, silence_30s.getvalue(), ALICE)  # over job_max_duration_s (25 s here)
     assert r.status_code == 413 and r.json()["error"] == "audio_too_long", r.text
+    silence_5s = io.BytesIO()
+    sf.write(silence_5s, np.zeros(5 * 16000, np.float32), 16000, format="WAV", subtype="PCM_16")
+    r = post_job(server, silence_5s.getvalue(), ALICE)  # finding no speech takes the analysis: the job fails
+    assert r.status_code == 202, r.text
+    failed = wait_status(server, r.json()["job_id"])
+    assert failed["status"] == "failed" and failed["error"]["error"] == "no_speech"
+    assert failed["progress"] == 0.0 and failed["result"] is None
 
 
 def test_jobs_are_scoped_to_their_tenant(server, finished):

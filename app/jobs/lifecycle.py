@@ -4,9 +4,10 @@
 session SQLite file), queues again the jobs a previous process left ``running``, removes uploaded
 audio no unfinished job refers to, and starts the webhook dispatcher (pending deliveries resume)
 and the job runner (which waits for the models). The result is ``app.state.jobs`` (a ``Jobs``), or
-None when the store cannot be opened: then ``/v1/jobs`` answers 503 ``jobs_unavailable`` and the
-rest of the server runs on. ``stop_jobs(app)`` stops the runner first (running jobs go back to
-``queued``), then the dispatcher, then closes the store; call it before the service stops.
+None when there is no session store or the job store cannot be opened: then ``/v1/jobs``
+answers 503 ``jobs_unavailable`` and the rest of the server runs on. ``stop_jobs(app)`` stops the
+runner first (running jobs go back to ``queued``), then the dispatcher, then closes the store; call
+it before the service stops.
 
 Thread-safety: call both from the app's event loop.
 """
@@ -60,6 +61,9 @@ async def _remove_orphans(store: JobStore) -> None:
 
 async def start_jobs(app) -> Jobs | None:
     settings = app.state.settings
+    if getattr(app.state, "store", None) is None:  # results go to sessions: no store, no jobs
+        log.info("jobs are unavailable: no session store")
+        return None
     store = JobStore(jobs_dir(settings))
     try:
         await store.open()

@@ -40,6 +40,7 @@ from app.errors import DeadlineExceededError, NoSpeechError, OverloadedError, st
 from app.inference.admission import Reservation
 from app.jobs.store import DONE, FAILED, QUEUED, Delivery, Job, JobStore
 from app.jobs.webhooks import WebhookDispatcher
+from app.service import EmotionService
 from app.store import SessionNotFound
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,10 @@ class JobRunner:
         self._task = None
 
     @property
+    def service(self) -> EmotionService:
+        return self.state.service
+
+    @property
     def running(self) -> list[str]:
         return list(self._running)
 
@@ -147,15 +152,17 @@ class JobRunner:
         return True
 
     async def _loop(self) -> None:
-        if self.settings.job_workers <= 0 or not await self._wait_ready():
+        runs = self.settings.job_workers > 0 and await self._wait_ready()
+        if not runs:
             log.info("the job runner is off (job_workers=0 or no service): jobs stay queued")
-            return
-        for job in await self.jobs.cancelled_queued():  # cancellations a restart cut off
-            await self._finish(job, FAILED, error=CANCELLED)
+        else:
+            for job in await self.jobs.cancelled_queued():  # cancellations a restart cut off
+                await self._finish(job, FAILED, error=CANCELLED)
         while True:
             self._wake.clear()
             try:
-                await self._claim()
+                if runs:
+                    await self._claim()
                 await self._prune()
             except Exception as exc:  # the job store failed: keep the runner alive, retry later
                 log.warning("job runner: %r", exc)
@@ -277,7 +284,7 @@ class JobRunner:
         return reservation
 
     async def _analyse(self, job: Job) -> dict[str, Any]:
-        s, service = self.settings, self.state.service
+        s, service = self.settings, self.service
         await self._open_session(job)
         opts = job.options
         channels = opts.get("channels", "mix")
@@ -323,7 +330,7 @@ class JobRunner:
 
     async def _analyse_in_order(self, job: Job, key: str, tracks, todo, done: int) -> list[dict[str, Any]]:
         """Analyse ``todo`` with a bounded window in flight; append the results in time order."""
-        s, service = self.settings, self.state.service
+        s, service = self.settings, self.service
         opts = job.options
         roles: list[str] = opts.get("roles") or []
         lane = service.engine.asr_lane

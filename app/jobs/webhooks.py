@@ -29,7 +29,9 @@ an event on the running server's dispatcher. Targets, their secrets and the even
 only from ``EMOTION_WEBHOOKS`` (``app.jobs.targets``).
 
 Thread-safety: a ``WebhookDispatcher`` belongs to the event loop that ``start``s it; its coroutines
-may run concurrently on that loop. ``sign`` and ``verify`` are pure.
+may run concurrently on that loop, ``enqueue`` may also be awaited on another loop (its store calls
+run on the store's own thread, and ``wake`` hands over to the dispatcher's loop). ``signature`` and
+``verify`` are pure.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class WebhookDispatcher:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- targets -----------------------------------------------------------------------------
 
@@ -213,7 +216,16 @@ class WebhookDispatcher:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        """Look for due deliveries now; callable from any thread or event loop."""
+        loop = self._loop
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if loop is None or current is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
 
     async def start(self) -> None:
         global _active
@@ -224,7 +236,8 @@ class WebhookDispatcher:
             limits=httpx.Limits(max_connections=self.settings.webhook_concurrency),
             headers={"User-Agent": "emotion-server-webhooks/1"},
         )
-        self._task = asyncio.create_task(self._loop(), name="webhook-dispatcher")
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name="webhook-dispatcher")
         _active = self
 
     async def stop(self) -> None:
@@ -244,7 +257,7 @@ class WebhookDispatcher:
 
     # --- sending -----------------------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         concurrency = self.settings.webhook_concurrency
         while True:
             try:
