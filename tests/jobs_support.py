@@ -27,15 +27,16 @@ SECRET = "test-secret-0123456789abcdef"
 PARTS = ("kids_angry_a01.flac", "dogs_neutral_a02.flac", "happy_dogs.flac", "angry_kids.flac")
 
 
-def long_recording_wav() -> tuple[bytes, float]:
-    """A WAV of the PARTS with 1-s gaps (0.5 s at the ends), and its duration in seconds."""
+def long_recording_wav(repeat: int = 1) -> tuple[bytes, float]:
+    """A WAV of the PARTS (``repeat`` times) with 1-s gaps (0.5 s at the ends), and its duration."""
     from app.analysis.audio import decode
 
     gap, edge = np.zeros(16000, np.float32), np.zeros(8000, np.float32)
+    parts = PARTS * repeat
     pieces = [edge]
-    for i, name in enumerate(PARTS):
+    for i, name in enumerate(parts):
         pieces.append(decode(FIXTURES / name).mono)
-        pieces.append(gap if i < len(PARTS) - 1 else edge)
+        pieces.append(gap if i < len(parts) - 1 else edge)
     audio = np.concatenate(pieces)
     buf = io.BytesIO()
     sf.write(buf, audio, 16000, format="WAV", subtype="PCM_16")

@@ -273,12 +273,13 @@ def _db_job(data_dir, job_id: str):
     return asyncio.run(read())
 
 
-def test_jobs_and_pending_deliveries_survive_restarts(tmp_path, recording):
+def test_jobs_and_pending_deliveries_survive_restarts(tmp_path):
     """1st life: jobs are queued but not run (job_workers=0), the queue bound answers 503; stop.
     2nd life: the short job finishes (its webhook target is down: the delivery stays pending), the
     long one is stopped part-way. 3rd life: the receiver is up; the long job resumes after its
     stored utterances and completes once, with no duplicate; both deliveries arrive."""
-    wav, _ = recording
+    wav, _ = long_recording_wav(repeat=2)  # 8 utterances (~39 s): time to stop it part-way
+    n = 2 * N_UTTERANCES
     port = free_port()  # the receiver's port: nothing listens there before the 3rd life
     srv = JobServer(
         tmp_path,
@@ -306,7 +307,7 @@ def test_jobs_and_pending_deliveries_survive_restarts(tmp_path, recording):
     finally:
         srv.stop()
     job, _ = _db_job(tmp_path, long["job_id"])
-    assert job.status == "queued" and job.runs == 1 and 1 <= job.segments_done < N_UTTERANCES
+    assert job.status == "queued" and job.runs == 1 and 1 <= job.segments_done < n
     job, (pending,) = _db_job(tmp_path, short["job_id"])
     assert job.status == "done" and pending.status == "pending" and pending.attempts == 1
     assert pending.last_status_code is None and pending.last_error  # refused: nothing listened
@@ -317,9 +318,9 @@ def test_jobs_and_pending_deliveries_survive_restarts(tmp_path, recording):
         done = wait_status(srv, long["job_id"])
         assert done["status"] == "done" and done["runs"] == 2, done
         results = srv.request("GET", f"/v1/sessions/{done['session_id']}/results").json()["results"]
-        assert len(results) == N_UTTERANCES == done["segments_total"] == done["segments_done"]
-        assert [r["seq"] for r in results] == [1, 2, 3, 4]
-        assert len({(r["start"], r["channel"]) for r in results}) == N_UTTERANCES  # no duplicates
+        assert len(results) == n == done["segments_total"] == done["segments_done"]
+        assert [r["seq"] for r in results] == list(range(1, n + 1))
+        assert len({(r["start"], r["channel"]) for r in results}) == n  # no duplicates
         deliveries = wait_for(
             lambda: (
                 all(
