@@ -231,7 +231,9 @@ class Settings(BaseSettings):
     job_max_runs: int = Field(
         3, ge=1, description="starts of one job (server restarts mid-job included) before it fails"
     )
-    job_ttl_s: float = Field(7 * 86400.0, gt=0, description="finished jobs and deliveries are forgotten after")
+    job_ttl_s: float = Field(
+        7 * 86400.0, gt=0, description="finished jobs and deliveries are forgotten after"
+    )
     webhooks: dict[str, WebhookTarget] = Field(
         default_factory=dict,
         description='JSON {"name": {"url", "secret", "events": [job.done, job.failed, session.ended], '
