@@ -25,12 +25,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from app.api import errors as api_errors
-from app.api import health, limits, predict, sessions, stream
+from app.api import health, jobs, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
 from app.api.api_info import DESCRIPTION, VERSION
 from app.api.auth import RateLimits, install_log_redaction, require_api_key
 from app.api.openai_compat import router as openai_router
 from app.inference.admission import Admission
+from app.jobs.lifecycle import start_jobs, stop_jobs
 from app.observability import RequestIdMiddleware, warn_unknown_env_vars
 from app.service import EmotionService
 from app.settings import Settings, get_settings
@@ -92,6 +93,7 @@ def create_app(
         await _recover_sessions(app.state.store, settings)
         sweeper = asyncio.create_task(_sweep_sessions(app.state.store, settings), name="session-sweep")
         app.state.start_task = asyncio.create_task(_start_service(app, service), name="service-start")
+        app.state.jobs = await start_jobs(app)  # queued and cut-off jobs resume; pending webhooks too
         try:
             yield
         finally:
@@ -101,6 +103,7 @@ def create_app(
                 await asyncio.gather(task, return_exceptions=True)
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
+            await stop_jobs(app)  # before the service: running jobs go back to queued
             await service.stop()
             if opened and app.state.store is not None:
                 await app.state.store.close()
@@ -117,6 +120,7 @@ def create_app(
     app.state.service = service
     app.state.store = None if store is _UNSET else store
     app.state.start_error = None  # set when start-up fails: /healthz turns 503
+    app.state.jobs = None  # app.jobs.lifecycle.Jobs while running
     app.state.rate_limits = RateLimits()  # auth-failure and per-key token buckets (this process)
     app.state.admission = Admission.from_settings(settings)  # stream slots, memory budgets, queued work
     install_log_redaction()  # ?api_key=... never reaches uvicorn's access log in clear
@@ -143,4 +147,5 @@ def create_app(
     app.include_router(stream.router, dependencies=secured)
     app.include_router(sessions.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     app.include_router(openai_router, dependencies=secured)  # errors in OpenAI's shape
+    app.include_router(jobs.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     return app

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.jobs.targets import WebhookTarget, check_names
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -215,6 +217,38 @@ class Settings(BaseSettings):
     http_limit_concurrency: int = Field(
         1000, ge=0, description="open connections + requests beyond which uvicorn answers 503 (0 = none)"
     )
+
+    # --- jobs and webhooks (app/jobs, app/api/jobs.py) ------------------------------------------
+    jobs_dir: Path | None = Field(
+        None, description="job records (jobs.db) and uploaded job audio; empty = <sqlite_path dir>/jobs"
+    )
+    job_workers: int = Field(1, ge=0, description="jobs analysed at once; 0 = accept and queue, run none")
+    job_max_queued: int = Field(16, ge=1, description="queued + running jobs; beyond -> 503 + Retry-After")
+    job_max_duration_s: float = Field(3600.0, gt=0, description="longest audio a job may hold (413 beyond)")
+    job_max_in_flight: int = Field(
+        0, ge=0, description="utterances of one job queued for ASR at once; 0 = one ASR batch (as predict)"
+    )
+    job_max_runs: int = Field(
+        3, ge=1, description="starts of one job (server restarts mid-job included) before it fails"
+    )
+    job_ttl_s: float = Field(
+        7 * 86400.0, gt=0, description="finished jobs and deliveries are forgotten after"
+    )
+    webhooks: dict[str, WebhookTarget] = Field(
+        default_factory=dict,
+        description='JSON {"name": {"url", "secret", "events": [job.done, job.failed, session.ended], '
+        '"tenants": null | [...]}}: the only receivers; requests name one',
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="one delivery attempt (connect + response)")
+    webhook_max_attempts: int = Field(8, ge=1, description="attempts before a delivery is failed")
+    webhook_backoff_s: float = Field(2.0, gt=0, description="delay after the first failed attempt; doubles")
+    webhook_backoff_max_s: float = Field(900.0, gt=0, description="cap on the delay between attempts")
+    webhook_concurrency: int = Field(4, ge=1, description="deliveries in flight at once")
+
+    @field_validator("webhooks", mode="after")
+    @classmethod
+    def _webhook_names(cls, value):
+        return check_names(value)
 
     @field_validator("api_keys", "admin_keys", "cors_origins", "models", mode="before")
     @classmethod
