@@ -40,6 +40,7 @@ from app.errors import DeadlineExceededError, NoSpeechError, OverloadedError, st
 from app.inference.admission import Reservation
 from app.jobs.store import DONE, FAILED, QUEUED, Delivery, Job, JobStore
 from app.jobs.webhooks import WebhookDispatcher
+from app.schemas import Emotion
 from app.service import EmotionService
 from app.store import SessionNotFound
 
@@ -98,7 +99,8 @@ def summarise(results: list[dict[str, Any]], duration_s: float) -> dict[str, Any
         "segments": len(results),
         "duration_s": round(duration_s, 3),
         "speech_s": round(speech, 3),
-        "emotion": {"label": max(mean, key=mean.__getitem__) if mean else None, "probabilities": mean},
+        # The v2 Emotion shape (label, score, ranking, probabilities), without per-model detail.
+        "emotion": Emotion.of(mean).model_dump() if mean else None,
         "first_seq": min(seqs) if seqs else None,
         "last_seq": max(seqs) if seqs else None,
     }
