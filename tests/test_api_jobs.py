@@ -116,7 +116,10 @@ def test_a_job_reaches_done_with_rising_progress_and_its_results_in_the_session(
     assert summary["segments"] == N_UTTERANCES and (summary["first_seq"], summary["last_seq"]) == (1, 4)
     assert sum(summary["emotion"]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     ranking = summary["emotion"]["ranking"]  # the v2 Emotion shape
-    assert ranking[0]["label"] == summary["emotion"]["label"] and ranking[0]["score"] == summary["emotion"]["score"]
+    assert (
+        ranking[0]["label"] == summary["emotion"]["label"]
+        and ranking[0]["score"] == summary["emotion"]["score"]
+    )
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
 
     sid = done["session_id"]
