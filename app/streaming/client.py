@@ -344,9 +344,7 @@ async def _one_connection(
             await asyncio.wait_for(asyncio.gather(send(), receiver), max(0.0, deadline - time.monotonic()))
         except ConnectionClosed:
             await receiver
-        except asyncio.TimeoutError:
-            outcome.done = True  # the caller's time is up
-        finally:
+        finally:  # past ``timeout_s``, asyncio.TimeoutError reaches the caller (as before reconnects)
             receiver.cancel()
         run.close_code = ws.close_code
         run.close_reason = ws.close_reason or ""
