@@ -34,8 +34,11 @@ stored result end) and places the connection's first frame at ``time_offset_s`` 
 Lease: the endpoint takes the session's ``SessionLease`` (``app.store.lease``) before ``open``; the
 heartbeat renews it every third of its TTL (and the store's ``heartbeat`` every third of
 ``stream_stale_s``). A renewal that finds another holder calls ``on_lease_lost`` (the endpoint
-closes the stream 4009), and ``finish`` ends the stored session only while the lease is still
-ours, so a stream that lost its session to a resumed one never ends its successor's session.
+closes the stream 4009). Every final renews the lease right before it is stored, and is dropped
+(neither stored nor sent) when the lease is lost: a successful renewal holds the lease for a whole
+TTL, far longer than the append that follows, so a stream that lost its session to a resumed one
+never adds results behind its successor's resume point. ``finish`` ends the stored session only
+while the lease is still ours, so it never ends its successor's session either.
 
 Back-pressure: ``backlog_s`` is the audio of utterances that ended but whose final is not out
 yet. Above ``max_backlog_s`` the reader must stop reading (``wait_capacity``) until the backlog
@@ -472,9 +475,13 @@ class StreamSession:
                     continue
                 if not held:
                     log.warning("stream %s: lease taken over by another stream", self.session_id)
-                    if self._on_lease_lost is not None:
-                        self._on_lease_lost()
+                    self._lease_lost()
                     return
+
+    def _lease_lost(self) -> None:
+        callback, self._on_lease_lost = self._on_lease_lost, None  # once
+        if callback is not None:
+            callback()
 
     def stats(self) -> EndStats:
         c = self.counters
@@ -601,6 +608,12 @@ class StreamSession:
                     f"({job.start / SAMPLE_RATE:.2f}-{job.end / SAMPLE_RATE:.2f} s) could not be analysed: {exc}",
                 )
             )
+            return
+        if not await self._still_leased():
+            # Another stream resumed this session (this one stalled past its lease): that stream
+            # analyses this audio again from the resume point it read; storing here would add it twice.
+            log.warning("stream %s: lease lost; utterance %d not stored", self.session_id, job.utterance)
+            self._lease_lost()
             return
         start_s, end_s = self._t(job.start), self._t(job.end)
         result = {
