@@ -34,11 +34,15 @@ $(VENV)/.test: pyproject.toml | $(PY)
 install: $(VENV)/.serve
 install-test: $(VENV)/.test
 
-# Debian packages the tests need: a real redis-server for the Redis store backend.
+# Debian packages the tests need: a real redis-server for the Redis store backend, nginx for the
+# replica test (two servers behind deploy/nginx.conf).
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  echo "installing nginx (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
 
 serve: $(VENV)/.serve
 	$(VENV)/bin/emotion-server serve --host $(HOST) --port $(PORT)

@@ -189,6 +189,12 @@ class Settings(BaseSettings):
         90.0, ge=0, description="a stream session without heartbeat this long is ended (server_restart)"
     )
     store_sweep_every_s: float = Field(60.0, ge=0, description="how often the idle/stale sweep runs; 0 = off")
+    stream_lease_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="a live stream's lease on its session (one stream per session across replicas), renewed "
+        "every third of it; a replica that died frees its streams' sessions for a resume after this",
+    )
     store_max_metadata_bytes: int = Field(
         16 * 1024, ge=0, description="stored session metadata (merged JSON); beyond -> 413 / WS close 1009"
     )

@@ -410,3 +410,107 @@ def test_redis_adopts_sessions_of_the_old_key_layout(redis_url):
         await store.close()
 
     run(body())
+
+
+def test_redis_pool_exhausted_is_503_store_busy_with_retry_after(redis_url):
+    """A command that waits the pool's whole timeout for a connection: 503 store_busy, not a 500."""
+    from app.errors import status_and_code
+    from app.store import StoreBusy
+    from app.store.redis import StorePoolExhausted
+
+    async def body():
+        store = RedisStore(redis_url, prefix=f"t{next(_prefixes)}:", max_connections=1, pool_timeout_s=0.3)
+        s = sid()
+        await store.open_session(s)
+        held = await store._r.connection_pool.get_connection()  # every command connection is busy
+        t0 = time.monotonic()
+        with pytest.raises(StorePoolExhausted) as busy:
+            await store.get_session(s)
+        assert 0.25 < time.monotonic() - t0 < 2.0
+        assert isinstance(busy.value, StoreBusy)
+        assert status_and_code(busy.value) == (503, "store_busy") and busy.value.retry_after
+        with pytest.raises(StoreBusy):  # scripts and pipelines too
+            await store.append_result(s, result())
+        await store._r.connection_pool.release(held)
+        assert (await store.get_session(s))["result_count"] == 0  # served again once one is free
+        await store.close()
+
+    run(body())
+
+
+def test_redis_pool_exhausted_reaches_the_client_as_503(redis_url):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+    from tests.test_health import StubService
+
+    store = RedisStore(redis_url, prefix=f"t{next(_prefixes)}:", max_connections=1, pool_timeout_s=0.3)
+    with TestClient(create_app(Settings(), StubService(), store=store)) as client:
+        assert client.get("/v1/sessions").status_code == 200
+        held = client.portal.call(store._r.connection_pool.get_connection)  # in the app's loop
+        r = client.get("/v1/sessions")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "store_busy" and "busy" in r.json()["detail"]
+        assert int(r.headers["Retry-After"]) >= 1
+        client.portal.call(store._r.connection_pool.release, held)
+        assert client.get("/v1/sessions").status_code == 200
+
+
+def test_redis_tenant_listing_reads_only_its_own_index(redis_url):
+    """1 session of tenant `small` among 300 of `big`: its listing reads 1 hash, not the others."""
+    import redis.asyncio as aioredis
+
+    async def hgetall_calls(raw) -> int:
+        stats = await raw.info("commandstats")
+        return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+    async def body():
+        prefix = f"t{next(_prefixes)}:"
+        store = RedisStore(redis_url, prefix=prefix)
+        raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        mine = sid()
+        await store.open_session(mine, tenant="small")
+        for _ in range(300):
+            await store.open_session(sid(), tenant="big")
+        await store.list_sessions(tenant="small")  # the one-time fill of older sessions
+        before = await hgetall_calls(raw)
+        listed = await store.list_sessions(tenant="small")
+        reads = await hgetall_calls(raw) - before
+        assert [x["id"] for x in listed] == [mine] and reads == 1
+        assert len(await store.list_sessions(tenant="big", limit=1000)) == 300
+        # appends and ends keep the tenant's index ordered; delete removes the entry
+        other = sid()
+        await store.open_session(other, tenant="small")
+        await store.append_result(mine, result())
+        assert [x["id"] for x in await store.list_sessions(tenant="small")] == [mine, other]
+        await store.close_session(other)
+        assert [x["id"] for x in await store.list_sessions(tenant="small")] == [other, mine]
+        assert [x["id"] for x in await store.list_sessions(tenant="small", state="active")] == [mine]
+        await store.delete_session(other)
+        assert await raw.zscore(f"{prefix}sessions:tenant{{small}}", other) is None
+        assert [x["id"] for x in await store.list_sessions(tenant="small")] == [mine]
+        await raw.aclose()
+        await store.close()
+
+    run(body())
+
+
+def test_redis_tenant_index_is_filled_once_with_older_sessions(redis_url):
+    """Sessions written before the tenant indexes existed are found by their tenant's listing."""
+    import redis.asyncio as aioredis
+
+    async def body():
+        prefix = f"t{next(_prefixes)}:"
+        store = RedisStore(redis_url, prefix=prefix)
+        raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        old, new = sid(), sid()
+        await store.open_session(old, tenant="acme")
+        await raw.delete(f"{prefix}sessions:tenant{{acme}}")  # as written by the previous release
+        await store.open_session(new, tenant="acme")
+        assert [x["id"] for x in await store.list_sessions(tenant="acme")] == [new, old]
+        assert await raw.get(f"{prefix}sessions:tenant-index") == "1"
+        await raw.aclose()
+        await store.close()
+
+    run(body())

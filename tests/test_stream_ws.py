@@ -337,13 +337,20 @@ def test_sessions_survive_a_server_restart(server):
     server.restart()
     after = server.get("/v1/sessions/durable/results").json()
     assert after == before and after["state"] == "ended"
-    # Continuing the session after the restart goes on numbering.
+    # Continuing the session after the restart goes on numbering, and its times go on from the end
+    # of the last stored result (the resume point), so the session's timeline keeps increasing.
+    first = before["results"][0]
     run = asyncio.run(
         stream_audio(
             np.asarray(audio[: int(4.1 * rate)]), rate, server.ws, realtime=False, session_id="durable"
         )
     )
     assert [f["seq"] for f in run.of_type("final")] == [2]
+    ready, final = run.of_type("ready")[0], run.of_type("final")[0]
+    assert ready["resume_offset_s"] == first["end"] and ready["last_seq"] == 1
+    assert final["start"] == pytest.approx(first["end"] + first["start"], abs=0.002)
+    assert final["end"] == pytest.approx(first["end"] + first["end"], abs=0.002)
+    assert all(w["start"] >= final["start"] - 0.05 for w in final["words"])  # words on the same timeline
 
 
 def test_cli_stream_prints_one_json_line_per_message(server, capsys):

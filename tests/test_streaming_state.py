@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -510,6 +511,52 @@ def test_feed_runs_the_ingest_step_off_the_event_loop(tmp_path, two_utt):
         await session.finish("stop")
         assert seen and loop_thread not in seen
         assert [m.seq for m in sent if isinstance(m, FinalMessage)] == [1]
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_a_stream_that_lost_its_lease_stores_no_more_finals(tmp_path, two_utt):
+    """After another stream took the session's lease over, this one's finals are neither stored nor
+    sent, it is told once (``on_lease_lost``), and it does not end the successor's session."""
+    from app.store.lease import LocalLeases, SessionLease
+
+    async def body():
+        leases = LocalLeases()
+        lease = SessionLease(leases, "sess-1", "this-host:1:a", ttl_s=30.0)
+        assert (await lease.acquire()).acquired
+        lost: list[bool] = []
+        settings = Settings(stream_partial_every_s=0.5)
+        store = SQLiteStore(tmp_path / "s.db")
+        sent: list = []
+
+        async def emit(msg):
+            sent.append(msg)
+
+        clock = SimClock()
+        session = StreamSession(
+            session_id="sess-1",
+            start=StartMessage(type="start", sample_rate=SR),
+            settings=settings,
+            backend=FakeBackend(),
+            store=store,
+            emit=emit,
+            models=["fake"],
+            clock=clock,
+            lease=lease,
+            on_lease_lost=lambda: lost.append(True),
+        )
+        await session.open()
+        chunks = frames(two_utt)
+        await feed_realtime(session, clock, chunks[: len(chunks) // 2])  # the first utterance
+        assert [m.seq for m in sent if isinstance(m, FinalMessage)] == [1]
+        leases._held["sess-1"] = ("other-host:2:b", time.monotonic() + 30.0)  # taken over
+        await feed_realtime(session, clock, chunks[len(chunks) // 2 :])  # the second utterance
+        await session.finish("stop")
+        assert [m.seq for m in sent if isinstance(m, FinalMessage)] == [1]
+        assert lost == [True]
+        view = await store.get_session("sess-1")
+        assert view["result_count"] == 1 and view["state"] == "active"  # left to its successor
         await store.close()
 
     asyncio.run(body())

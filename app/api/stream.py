@@ -3,9 +3,9 @@
 Protocol (JSON text messages, each with a ``type``; audio in binary messages)::
 
     client                                   server
-    {"type":"start", sample_rate, encoding,  -> {"type":"ready", session_id, settings, ...}
-     channels, models?, session_id?,
-     metadata?, partials?}
+    {"type":"start", sample_rate, encoding,  -> {"type":"ready", session_id, settings,
+     channels, models?, session_id?,              resume_offset_s, last_seq, ...}
+     metadata?, partials?, audio_offset_s?}
     <binary audio frame> ...                 -> {"type":"partial", channel, utterance, confirmed, unconfirmed}
                                              -> {"type":"final", seq, channel, start, end, text, words,
                                                  emotion, latency_ms, reason}
@@ -31,8 +31,18 @@ Protocol (JSON text messages, each with a ``type``; audio in binary messages)::
   (``warning`` ``backpressure``) so TCP flow control slows the client. Nothing is dropped.
 * A disconnect, idle timeout or error mid-utterance still finalises and stores what was received.
   Nothing is read after ``stop``: audio sent after it is ignored.
-* ``session_id`` of an existing session continues it (numbering goes on); times and utterance
-  indexes are those of the current connection. One live stream per session id per server.
+* ``session_id`` of an existing session continues it: numbering goes on, and times go on from the
+  session's resume point (``ready.resume_offset_s``: the end of its last stored result, or the
+  client's ``audio_offset_s`` when later); utterance indexes restart per connection. The precise
+  rules, and how a client resumes after a lost connection, are in ``app.streaming.protocol``.
+* One live stream per session, across every replica sharing the store: the stream holds the
+  session's lease (``app.store.lease``; Redis ``SET NX PX``, renewed by the stream's heartbeat every
+  third of ``EMOTION_STREAM_LEASE_TTL_S``, released on the stream's end). A second stream on the
+  session is closed 4009 ``session_busy`` with ``retry_after_s`` (when the holder's lease expires
+  unless renewed). A lease whose holder died (its replica was killed) expires after the TTL and
+  the next stream takes it over: that is how a client resumes on another replica. A stream whose
+  lease was taken over (it could not renew in time) is closed 4009 too and leaves the session to
+  its successor.
 * Keep-alive: uvicorn sends WebSocket pings (``--ws-ping-interval``, 20 s); clients that cannot
   answer them may send ``{"type":"ping"}``. ``idle_timeout_s`` without any client message
   (time spent paused by back-pressure excluded) ends the stream.
@@ -64,7 +74,11 @@ code  error                      when
 4000  audio_before_start         binary frame (or ``stop``) before ``start``
 4001  duplicate_start            a second ``start``
 4008  idle_timeout               no client message for ``idle_timeout_s``
-4009  session_busy               another live stream on this server uses that ``session_id``
+4009  session_busy               another live stream (on any replica) holds the session's lease;
+                                 ``retry_after_s`` in the ``error`` message; also sent to a stream
+                                 whose lease another stream took over
+1013  store_busy /               the session store cannot take the lease now (pool exhausted, Redis
+      store_unavailable          down): retry later
 ====  =========================  ===========================================================
 
 Admission: a stream slot (``stream_max_streams``, ``app.inference.admission.Slots``) is taken in one
@@ -75,7 +89,7 @@ reader is woken (its pending receive or back-pressure wait is cancelled) and the
 ``client_not_reading`` after storing what was already analysed.
 
 Thread-safety: one coroutine (the endpoint) reads the socket; sends from the session's tasks are
-serialised by a lock. ``_LIVE`` is process state touched only from the event loop.
+serialised by a lock. Leases are shared through the store (Redis) or the process (``LocalLeases``).
 """
 
 from __future__ import annotations
@@ -97,7 +111,8 @@ from app.api.sessions import SessionNotFoundError, may_use_session, owner_kwargs
 from app.errors import ForbiddenOriginError, RateLimitedError, UnauthorizedError
 from app.inference import admission as admission_control
 from app.observability import SESSION_ID
-from app.store.common import MetadataTooLarge, merged_metadata
+from app.store.common import MetadataTooLarge, StoreBusy, merged_metadata
+from app.store.lease import SessionLease, leases_of, new_owner
 from app.streaming.audio import InvalidAudioFrame
 from app.streaming.protocol import (
     CLIENT_TYPES,
@@ -128,15 +143,14 @@ IDLE_TIMEOUT = 4008
 SESSION_BUSY = 4009
 SESSION_NOT_FOUND = 4404
 
-_LIVE: set[str] = set()  # session ids streaming in this process
-
 
 class StreamClose(Exception):
     """End the stream with ``code``, after telling the client why."""
 
-    def __init__(self, code: int, error: str, detail: str):
+    def __init__(self, code: int, error: str, detail: str, retry_after_s: float | None = None):
         super().__init__(detail)
         self.code, self.error, self.detail = code, error, detail
+        self.retry_after_s = retry_after_s
 
 
 def close_reason(error: str, detail: str) -> str:
@@ -170,14 +184,18 @@ class _Connection:
     A send still blocked at its deadline (the client does not read: the socket buffers are full)
     marks the connection ``stalled``: every later send fails at once, and a reader parked in
     ``watch`` wakes up with ``StreamClose`` (client_not_reading), so the endpoint ends the stream.
+    ``abort(exc)`` wakes the reader the same way with another reason (the session's lease was lost).
     """
 
     def __init__(self, ws: WebSocket, send_timeout_s: float = 0.0):
         self.ws = ws
         self.send_timeout_s = send_timeout_s
         self.stalled = False
+        self._aborted: StreamClose | None = None
         self._lock = asyncio.Lock()
-        self._stall_signal: asyncio.Future[None] | None = None  # done once stalled (wakes ``watch``)
+        self._stall_signal: asyncio.Future[None] | None = (
+            None  # done once stalled or aborted (wakes ``watch``)
+        )
 
     def _not_reading(self) -> StreamClose:
         return StreamClose(
@@ -206,16 +224,31 @@ class _Connection:
             return
         self.stalled = True
         log.warning("stream: a send blocked for %g s (client not reading): closing", self.send_timeout_s)
+        self._wake()
+
+    def abort(self, exc: StreamClose) -> None:
+        """End the stream with ``exc``: the reader raises it at its next (or current) wait."""
+        if self._aborted is None:
+            self._aborted = exc
+        self._wake()
+
+    def _wake(self) -> None:
         if self._stall_signal is not None and not self._stall_signal.done():
             self._stall_signal.set_result(None)
+
+    def _interrupted(self) -> StreamClose | None:
+        if self.stalled:
+            return self._not_reading()
+        return self._aborted
 
     async def watch(self, awaitable, timeout_s: float | None = None):
         """Await a blocking step of the reader (receive, back-pressure wait), at most ``timeout_s``
         (``asyncio.TimeoutError``); ``StreamClose`` (client_not_reading) as soon as a send stalls."""
-        if self.stalled:
+        interrupted = self._interrupted()
+        if interrupted is not None:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()  # never started
-            raise self._not_reading()
+            raise interrupted
         if self._stall_signal is None:
             self._stall_signal = asyncio.get_running_loop().create_future()
         step = asyncio.ensure_future(awaitable)
@@ -229,8 +262,9 @@ class _Connection:
         if step in done:
             return step.result()
         step.cancel()
-        if self.stalled:
-            raise self._not_reading()
+        interrupted = self._interrupted()
+        if interrupted is not None:
+            raise interrupted
         raise asyncio.TimeoutError
 
     async def _close_locked(self, code: int, reason: str | None) -> None:
@@ -368,6 +402,29 @@ async def _check_session(store, session_id: str, principal: Principal, start: St
         raise StreamClose(TOO_BIG, exc.code, str(exc)) from None
 
 
+async def _take_lease(store, session_id: str, settings) -> SessionLease:
+    """The session's lease for this connection, or ``StreamClose`` 4009 (busy) / 1013 (store)."""
+    ttl_s = float(getattr(settings, "stream_lease_ttl_s", 10.0))
+    lease = SessionLease(leases_of(store), session_id, new_owner(), ttl_s)
+    try:
+        grant = await lease.acquire()
+    except StoreBusy as exc:
+        raise StreamClose(TRY_LATER, exc.code, str(exc)) from None
+    except Exception as exc:  # Redis down or unreachable: not the client's fault, retry later
+        log.warning("stream %s: the session store cannot take the lease: %s", session_id, exc)
+        detail = f"the session store is unavailable ({type(exc).__name__}); retry later"
+        raise StreamClose(TRY_LATER, "store_unavailable", detail) from None
+    if not grant.acquired:
+        raise StreamClose(
+            SESSION_BUSY,
+            "session_busy",
+            f"session {session_id} is streaming on another connection; its lease expires in "
+            f"{grant.expires_in_s:g} s unless renewed",
+            retry_after_s=grant.expires_in_s,
+        )
+    return lease
+
+
 def _resolve_models(service, start: StartMessage) -> list[str]:
     if not service.ready:
         raise StreamClose(TRY_LATER, "not_ready", "the models are still loading; retry shortly")
@@ -392,6 +449,7 @@ async def stream_endpoint(ws: WebSocket) -> None:
     slots, has_slot = admission_control.of_app(app).streams, False
     session: StreamSession | None = None
     session_id: str | None = None
+    lease: SessionLease | None = None
     reason = "disconnect"
     metrics.STREAMS_IN_FLIGHT.inc()
     try:
@@ -412,12 +470,7 @@ async def stream_endpoint(ws: WebSocket) -> None:
         session_id = start.session_id or uuid.uuid4().hex
         SESSION_ID.set(session_id)  # every later log line of this stream (and its tasks) carries it
         await _check_session(store, session_id, principal, start, settings)
-        if session_id in _LIVE:
-            sid, session_id = session_id, None
-            raise StreamClose(
-                SESSION_BUSY, "session_busy", f"session {sid} is streaming on another connection"
-            )
-        _LIVE.add(session_id)
+        lease = await _take_lease(store, session_id, settings)  # before the session is (re)opened
         session = StreamSession(
             session_id=session_id,
             start=start,
@@ -427,6 +480,14 @@ async def stream_endpoint(ws: WebSocket) -> None:
             emit=conn.send,
             models=start.models,
             announced_models=models,
+            lease=lease,
+            on_lease_lost=lambda: conn.abort(
+                StreamClose(
+                    SESSION_BUSY,
+                    "session_busy",
+                    "another stream took this session over (this stream's lease could not be renewed)",
+                )
+            ),
         )
         await session.open()
         reason = await _read_loop(ws, conn, session, settings)
@@ -451,8 +512,11 @@ async def stream_endpoint(ws: WebSocket) -> None:
             conn, session, StreamClose(INTERNAL, "internal_error", f"internal error: {type(exc).__name__}")
         )
     finally:
-        if session_id is not None:
-            _LIVE.discard(session_id)
+        if lease is not None:  # after ``finish`` ended the stored session: a successor re-opens it
+            try:
+                await lease.release()
+            except Exception as exc:  # the lease expires by itself
+                log.warning("stream %s: could not release the session's lease: %s", session_id, exc)
         if has_slot:
             slots.release()
         metrics.STREAMS_IN_FLIGHT.dec()
@@ -460,7 +524,9 @@ async def stream_endpoint(ws: WebSocket) -> None:
 
 async def _fail(conn: _Connection, session: StreamSession | None, exc: StreamClose) -> None:
     """Tell the client, keep what was received (finals still sent), close with the code."""
-    message = ErrorMessage(error=exc.error, detail=exc.detail, close_code=exc.code)
+    message = ErrorMessage(
+        error=exc.error, detail=exc.detail, close_code=exc.code, retry_after_s=exc.retry_after_s
+    )
     if session is not None:
         await session.emit(message)
         try:

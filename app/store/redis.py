@@ -9,6 +9,10 @@ Keys (``P`` = ``settings.redis_prefix``, default ``emotion:``)::
     P session{<id>}:results  stream one entry per result, entry id "<seq>-0", field r = result json
     P session{<id>}:events   stream "ended" / "deleted" markers that wake long polls
     P sessions               zset   session id scored by updated_at (listing, newest first)
+    P sessions:tenant{<t>}   zset   the same for the sessions of tenant <t> only (a tenant's
+                                    listing reads its own index, never the others' sessions)
+    P sessions:tenant-index  string set once the tenant indexes hold every older session too
+    P session{<id>}:lease    string the live stream's lease (owner id, PX ttl): ``app.store.lease``
 
 The id sits between braces, which the session id pattern forbids, so no id can name another
 session's keys (the old ``P session:<id>`` layout let ``victim:results`` alias the results stream
@@ -19,7 +23,10 @@ read that finds nothing, ``RENAME`` the old keys to the new ones, TTLs kept) whe
 Connections: commands go through a bounded pool that waits (``BlockingConnectionPool``) instead of
 failing when all connections are busy; long polls (``XREAD BLOCK``) use a separate pool of their
 own (``max_long_polls`` connections, read timeout longer than the longest block), so blocked polls
-can never starve writes. A long poll beyond that pool's size raises ``StoreBusy`` (HTTP 503).
+can never starve writes. A long poll beyond that pool's size raises ``StoreBusy`` (HTTP 503), and
+so does a command that waited ``pool_timeout_s`` without getting a connection
+(``StorePoolExhausted``, 503 ``store_busy`` with Retry-After, instead of redis-py's bare
+``ConnectionError`` that surfaced as a 500).
 
 Sequence numbers: a Lua script (atomic on the server) increments ``last_seq`` in the hash and
 XADDs the result with the entry id ``<seq>-0`` together with the aggregate updates, so replicas
@@ -36,7 +43,17 @@ heartbeat or result is older than ``stream_stale_s`` (their replica died: reason
 older hashes without ``heartbeat_at`` are judged by ``updated_at``.
 
 Ended sessions expire after ``ended_ttl_s`` (``EXPIRE`` on their keys; a re-open removes it).
-Single Redis (or a primary): the script touches the global ``sessions`` key, so not Redis Cluster.
+Their index entries are removed by the next listing that meets them.
+
+Tenant indexes: the scripts keep ``P sessions:tenant{<t>}`` beside the global index for sessions
+that have an owner (the key is derived in Lua from the hash's ``tenant`` field). Sessions written
+before these indexes existed are added once, by the first tenant listing that finds no
+``P sessions:tenant-index`` marker (``ZADD NX``: entries the scripts wrote meanwhile are kept).
+
+Stream leases (one live stream per session across replicas): ``leases`` (``app.store.lease``).
+
+Single Redis (or a primary): the scripts touch the global ``sessions`` key and the tenant index
+derived from a field, so not Redis Cluster.
 
 Thread-safety: one instance belongs to one event loop (redis-py asyncio connections are bound to
 the loop that created them); replicas and processes share data through Redis itself.
@@ -44,10 +61,13 @@ the loop that created them); replicas and processes share data through Redis its
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, cast
 
+from redis.asyncio.connection import BlockingConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, WatchError
 
 from app.store.common import (
@@ -66,6 +86,7 @@ from app.store.common import (
     session_view,
     stamp,
 )
+from app.store.lease import RedisLeases
 
 # Prelude of every write script (prepended at registration): adopt a session written by the old
 # key layout (KEYS[5..7], passed only for ids without ':') when the new hash does not exist.
@@ -75,6 +96,15 @@ if #KEYS > 4 and redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEY
   redis.call('RENAME', KEYS[5], KEYS[1])
   if redis.call('EXISTS', KEYS[6]) == 1 then redis.call('RENAME', KEYS[6], KEYS[2]) end
   if redis.call('EXISTS', KEYS[7]) == 1 then redis.call('RENAME', KEYS[7], KEYS[3]) end
+end
+"""
+
+# Prelude of the scripts that keep the tenant indexes: the index of the session's owner, or false.
+_TENANT = """
+local function tenant_index()
+  local t = redis.call('HGET', KEYS[1], 'tenant')
+  if t then return KEYS[4] .. ':tenant{' .. t .. '}' end
+  return false
 end
 """
 
@@ -95,6 +125,8 @@ if ARGV[6] ~= '' then
   for i = 7, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], 'psum:' .. ARGV[i], ARGV[i + 1]) end
 end
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[5])
+local ti = tenant_index()
+if ti then redis.call('ZADD', ti, ARGV[1], ARGV[5]) end
 return seq
 """
 
@@ -118,6 +150,8 @@ end
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[2])
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+local ti = tenant_index()
+if ti then redis.call('ZADD', ti, ARGV[1], ARGV[2]) end
 return created
 """
 
@@ -134,6 +168,8 @@ end
 redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[1], 'updated_at', ARGV[1])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'end_reason', ARGV[4]) end
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+local ti = tenant_index()
+if ti then redis.call('ZADD', ti, ARGV[1], ARGV[2]) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 16, '*', 'e', 'ended')
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
@@ -152,6 +188,8 @@ return 0
 
 # KEYS: hash, results, events, index. ARGV: id.
 _DELETE = """
+local ti = tenant_index()
+if ti then redis.call('ZREM', ti, ARGV[1]) end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[4], ARGV[1])
@@ -159,6 +197,31 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', 16, '*', 'e', 'deleted')
 redis.call('EXPIRE', KEYS[3], 120)
 return existed
 """
+
+
+class StorePoolExhausted(StoreBusy):
+    """Every command connection stayed busy for the pool's whole wait: 503 ``store_busy`` + Retry-After."""
+
+    retry_after: float | None = 2.0
+
+
+class _CommandPool(BlockingConnectionPool):
+    """The command pool: a wait for a free connection that times out is ``StorePoolExhausted``.
+
+    redis-py raises a bare ``ConnectionError("No connection available.")`` caused by the timeout,
+    indistinguishable by type from Redis being down; only that case is translated here.
+    """
+
+    async def get_connection(self, *args, **kwargs):
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except RedisConnectionError as exc:
+            if isinstance(exc.__cause__, asyncio.TimeoutError | TimeoutError):
+                raise StorePoolExhausted(
+                    f"all {self.max_connections} Redis connections stayed busy for {self.timeout:g} s; "
+                    "retry later"
+                ) from exc
+            raise
 
 
 def _num(value: str | None, default: float = 0.0) -> float:
@@ -187,7 +250,7 @@ class RedisStore:
         max_metadata_bytes: int = MAX_METADATA_BYTES,
     ):
         import redis.asyncio as aioredis
-        from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool, parse_url
+        from redis.asyncio.connection import ConnectionPool, parse_url
 
         self.prefix = prefix
         self.ended_ttl_s = ended_ttl_s
@@ -202,9 +265,7 @@ class RedisStore:
             opts: dict[str, Any] = {**parse_url(url), "decode_responses": True}  # connection kwargs
             opts.pop("max_connections", None)
             self._r = aioredis.Redis.from_pool(
-                BlockingConnectionPool(
-                    **opts, max_connections=max(1, int(max_connections)), timeout=pool_timeout_s
-                )
+                _CommandPool(**opts, max_connections=max(1, int(max_connections)), timeout=pool_timeout_s)
             )
             # Blocking reads: a read timeout longer than the longest XREAD BLOCK, and a pool of their
             # own so that waiting polls never hold the connections that writes need.
@@ -214,10 +275,12 @@ class RedisStore:
                     max_connections=self.max_long_polls,
                 )
             )
-        self._append = self._r.register_script(_ADOPT + _APPEND)
-        self._open = self._r.register_script(_ADOPT + _OPEN)
-        self._close = self._r.register_script(_ADOPT + _CLOSE)
-        self._delete = self._r.register_script(_ADOPT + _DELETE)
+        self._append = self._r.register_script(_ADOPT + _TENANT + _APPEND)
+        self._open = self._r.register_script(_ADOPT + _TENANT + _OPEN)
+        self._close = self._r.register_script(_ADOPT + _TENANT + _CLOSE)
+        self._delete = self._r.register_script(_ADOPT + _TENANT + _DELETE)
+        self._tenant_index_ready = False  # the one-time fill of the tenant indexes is done
+        self.leases = RedisLeases(self._r, lambda sid: f"{prefix}session{{{sid}}}:lease")
         self._heartbeat = self._r.register_script(_HEARTBEAT)
         self._adopt_script = self._r.register_script(_ADOPT)
 
@@ -231,6 +294,37 @@ class RedisStore:
             old = f"{self.prefix}session:{session_id}"
             keys += [old, old + ":results", old + ":events"]
         return keys
+
+    def _tenant_index(self, tenant: str) -> str:
+        """The tenant's own index (the scripts derive the same name from KEYS[4])."""
+        return f"{self.prefix}sessions:tenant{{{tenant}}}"
+
+    async def _ensure_tenant_index(self) -> None:
+        """Once per Redis: add the sessions written before the tenant indexes existed to theirs."""
+        if self._tenant_index_ready:
+            return
+        marker = self.prefix + "sessions:tenant-index"
+        if not await self._r.exists(marker):
+            index, start, page = self.prefix + "sessions", 0, 500
+            while True:
+                rows = cast(
+                    list[tuple[str, float]],
+                    await self._r.zrange(index, start, start + page - 1, withscores=True),
+                )
+                if not rows:
+                    break
+                start += page
+                pipe = self._r.pipeline(transaction=False)
+                for sid, _ in rows:
+                    pipe.hget(self._keys(sid)[0], "tenant")
+                owners = await pipe.execute()
+                pipe = self._r.pipeline(transaction=False)
+                for (sid, score), owner in zip(rows, owners, strict=True):
+                    if owner:  # NX: an entry the scripts wrote meanwhile is newer; keep it
+                        pipe.zadd(self._tenant_index(owner), {sid: score}, nx=True)
+                await pipe.execute()
+            await self._r.set(marker, "1")
+        self._tenant_index_ready = True
 
     async def _adopt(self, session_id: str) -> bool:
         """Adopt a session of the old key layout; True when one was found (reads that miss call it)."""
@@ -387,6 +481,9 @@ class RedisStore:
         check_state(state)
         limit = max(0, int(limit))
         index = self.prefix + "sessions"
+        if tenant is not None:  # the tenant's own index: its listing never reads other tenants' sessions
+            await self._ensure_tenant_index()
+            index = self._tenant_index(tenant)
         out: list[dict] = []
         now = time.time()
         page, start = 200, 0
@@ -472,4 +569,4 @@ class RedisStore:
             await self._rb.aclose()
 
 
-__all__ = ["RedisStore", "ENDED"]
+__all__ = ["ENDED", "RedisStore", "StorePoolExhausted"]

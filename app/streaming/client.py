@@ -7,6 +7,11 @@ default off a terminal) or readable text (``--format text``, ``app.cli_output.St
 ``--realtime`` (default) paces frames like a live source; ``--fast`` sends as fast as the server
 reads (it then gets a ``client_too_fast`` warning and TCP back-pressure).
 
+A lost connection (the server or its replica died, the proxy dropped it) is reconnected with
+backoff and the session resumed where its stored results end (``stream_audio(reconnect=True)``,
+the CLI's default for files; ``--no-reconnect`` turns it off). ``--mic`` does not reconnect: the
+microphone path has no buffer to resend from, and a dropped microphone stream ends.
+
 Programmatic use (tests, ``bench/stream_bench.py``)::
 
     run = await stream_audio(samples, rate, url, realtime=True)
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -34,19 +40,48 @@ MIC_EXTRA_HINT = "pip install 'emotion-server[mic]'"
 
 
 @dataclass
+class Reconnect:
+    """One recovery from a lost connection: from the failure to the next ``ready``."""
+
+    after_code: int | None  # close code that ended the connection (None: the connect itself failed)
+    failed_at: float  # time.monotonic()
+    ready_at: float | None = None
+    attempts: int = 0  # connection attempts until the ``ready`` (refusals such as 4009 included)
+    resume_offset_s: float | None = None  # where the server placed the resumed audio
+    resent_s: float = 0.0  # audio sent again: from the resume point to what had been sent before
+
+    @property
+    def gap_s(self) -> float | None:
+        return None if self.ready_at is None else self.ready_at - self.failed_at
+
+
+@dataclass
 class StreamRun:
-    """What one streaming call saw."""
+    """What one streaming call saw (over every connection, when it reconnected)."""
 
     messages: list[dict] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)  # time.monotonic() per message
-    close_code: int | None = None
+    close_code: int | None = None  # of the last connection
     close_reason: str = ""
-    audio_s: float = 0.0
+    audio_s: float = 0.0  # furthest audio position sent (s from the start of the samples)
     started_at: float = 0.0
     stop_sent_at: float | None = None
+    session_id: str | None = None
+    connections: int = 0  # connections that got a ``ready``
+    reconnects: list[Reconnect] = field(default_factory=list)
+    missed_seqs: list[int] = field(default_factory=list)  # stored by a lost connection, never received
+    last_connection_at: int = 0  # index in ``messages`` of the last connection's first message
 
     def of_type(self, kind: str) -> list[dict]:
         return [m for m in self.messages if m.get("type") == kind]
+
+    @property
+    def ended(self) -> bool:
+        """The server sent ``end`` (every final of the stream was delivered)."""
+        return any(m.get("type") == "end" for m in self.messages)
+
+    def last_connection(self) -> list[dict]:
+        return self.messages[self.last_connection_at :]
 
 
 def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -73,6 +108,38 @@ def _headers(api_key: str | None) -> dict[str, str] | None:
     return {"Authorization": f"Bearer {api_key}"} if api_key else None
 
 
+# Close codes after which a resumed connection may succeed: going away, no close frame (the server
+# or its replica died, or the proxy dropped the connection), service restart, try again later, bad
+# gateway. 4009 (session_busy) is retried only when resuming: the lease of the lost connection is
+# still running out. Everything else is the client's or the server's definitive answer.
+RETRY_CLOSE_CODES = frozenset({1001, 1006, 1012, 1013, 1014})
+SESSION_BUSY = 4009
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 4.0
+
+
+@dataclass
+class _Progress:
+    """What survives from one connection of a stream to the next."""
+
+    session_id: str | None
+    base_s: float | None = None  # session time of samples[0] (the first connection's resume offset)
+    position: int = 0  # next sample index to send
+    sent_to: int = 0  # furthest sample index sent on any connection
+    acked_seq: int = 0  # largest ``seq`` of a final received
+    ended: bool = False
+    t0: float | None = None  # pacing origin: the first ``ready``
+
+
+@dataclass
+class _Outcome:
+    ready: bool = False
+    done: bool = False  # end received, or the client closed on purpose
+    code: int | None = None
+    connect_error: BaseException | None = None
+    retry_after_s: float | None = None
+
+
 async def stream_audio(
     samples: np.ndarray,
     rate: int,
@@ -89,33 +156,137 @@ async def stream_audio(
     stop: bool = True,
     disconnect_after_s: float | None = None,
     timeout_s: float = 300.0,
+    reconnect: bool = False,
+    reconnect_for_s: float = 60.0,
+    on_reconnect: Callable[[Reconnect, float], None] | None = None,
 ) -> StreamRun:
     """Stream ``samples`` ((n,) or (n, channels) float32 at ``rate``) and collect the replies.
 
     ``disconnect_after_s``: drop the connection (no ``stop``) after that much audio was sent (tests
     of the disconnect path). Returns when the server closes the socket or after ``timeout_s``.
-    """
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
 
+    ``reconnect``: after an abnormal close (``RETRY_CLOSE_CODES``, or a failed connect) connect
+    again with exponential backoff (0.25 s doubling to 4 s, with jitter; at most ``retry_after_s``
+    of a 4009) for up to ``reconnect_for_s`` from the failure, continue the same session and
+    resend the audio from the server's ``resume_offset_s`` on (the audio after the last stored
+    result: nothing acknowledged is analysed twice, nothing unacknowledged is lost). Pacing keeps
+    the first connection's schedule, so resent audio goes out as fast as the server reads until
+    the stream is back on time, like a buffered live source. ``on_reconnect(record, delay_s)`` is
+    called before each wait.
+    """
     x = samples if samples.ndim == 2 else samples[:, None]
-    channels = x.shape[1]
     step = max(1, int(rate * frame_ms / 1000.0))
     run = StreamRun()
-    start = {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "channels": channels}
-    if models:
-        start["models"] = models
-    if session_id:
-        start["session_id"] = session_id
-    if metadata:
-        start["metadata"] = metadata
-    if not partials:
-        start["partials"] = False
+    progress = _Progress(session_id=session_id)
+    opts = dict(
+        models=models,
+        metadata=metadata,
+        partials=partials,
+        api_key=api_key,
+        on_message=on_message,
+        stop=stop,
+        disconnect_after_s=disconnect_after_s,
+        realtime=realtime,
+    )
+    deadline = time.monotonic() + timeout_s
+    pending: Reconnect | None = None  # the recovery under way
+    backoff = BACKOFF_FIRST_S
+    while True:
+        resuming = run.connections > 0
+        outcome = await _one_connection(x, rate, step, url, run, progress, deadline, opts)
+        if outcome.ready:  # ``pending`` (if any) got its ``ready_at`` from the ready message
+            backoff = BACKOFF_FIRST_S
+            pending = None
+        if outcome.connect_error is not None and not reconnect:
+            raise outcome.connect_error
+        retryable = outcome.connect_error is not None or outcome.code in RETRY_CLOSE_CODES
+        retryable = retryable or (outcome.code == SESSION_BUSY and resuming)
+        if outcome.done or not reconnect or not retryable:
+            return run
+        now = time.monotonic()
+        if pending is None:
+            pending = Reconnect(after_code=outcome.code, failed_at=now)
+            run.reconnects.append(pending)
+        if now - pending.failed_at > reconnect_for_s or now >= deadline:
+            return run
+        delay = backoff * (1.0 + 0.25 * random.random())
+        if outcome.retry_after_s is not None:  # the lease of the lost connection runs out then
+            delay = min(delay, max(0.05, outcome.retry_after_s))
+        backoff = min(BACKOFF_MAX_S, backoff * 2)
+        pending.attempts += 1
+        if on_reconnect is not None:
+            on_reconnect(pending, delay)
+        await asyncio.sleep(min(delay, max(0.0, deadline - now)))
 
-    async with connect(
-        url, additional_headers=_headers(api_key), ping_timeout=None, max_size=2**22, open_timeout=30
-    ) as ws:
+
+def _start_message(x: np.ndarray, rate: int, progress: _Progress, opts: dict[str, Any]) -> dict[str, Any]:
+    start: dict[str, Any] = {
+        "type": "start",
+        "sample_rate": rate,
+        "encoding": "pcm_s16le",
+        "channels": x.shape[1],
+    }
+    if opts["models"]:
+        start["models"] = opts["models"]
+    if progress.session_id:
+        start["session_id"] = progress.session_id
+    if opts["metadata"]:
+        start["metadata"] = opts["metadata"]
+    if not opts["partials"]:
+        start["partials"] = False
+    return start
+
+
+async def _one_connection(
+    x: np.ndarray,
+    rate: int,
+    step: int,
+    url: str,
+    run: StreamRun,
+    progress: _Progress,
+    deadline: float,
+    opts: dict[str, Any],
+) -> _Outcome:
+    """One WebSocket connection of a stream: start (or resume), send audio, collect replies."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+    outcome = _Outcome()
+    start = _start_message(x, rate, progress, opts)
+    on_message = opts["on_message"]
+    try:
+        ws = await connect(
+            url,
+            additional_headers=_headers(opts["api_key"]),
+            ping_timeout=None,
+            max_size=2**22,
+            open_timeout=min(30.0, max(1.0, deadline - time.monotonic())),
+        )
+    except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+        outcome.connect_error = exc
+        return outcome
+    run.last_connection_at = len(run.messages)
+    async with ws:
         ready = asyncio.get_running_loop().create_future()
+
+        def resume(msg: dict) -> None:
+            """Place the next frame where the server's timeline resumes (``resume_offset_s``)."""
+            offset = float(msg.get("resume_offset_s") or 0.0)
+            if progress.base_s is None:
+                progress.base_s = offset
+            progress.session_id = run.session_id = msg.get("session_id") or progress.session_id
+            position = int(round((offset - progress.base_s) * rate))
+            progress.position = min(max(0, position), len(x))
+            last_seq = int(msg.get("last_seq") or 0)
+            if run.connections and last_seq > progress.acked_seq:  # stored, never received
+                run.missed_seqs.extend(range(progress.acked_seq + 1, last_seq + 1))
+                progress.acked_seq = last_seq
+            if run.reconnects and run.reconnects[-1].ready_at is None:
+                rec = run.reconnects[-1]
+                rec.ready_at = run.received_at[-1]
+                rec.resume_offset_s = offset
+                rec.resent_s = max(0.0, (progress.sent_to - progress.position) / rate)
+            run.connections += 1
 
         async def receive() -> None:
             try:
@@ -123,9 +294,18 @@ async def stream_audio(
                     msg = json.loads(raw)
                     run.messages.append(msg)
                     run.received_at.append(time.monotonic())
+                    kind = msg.get("type")
+                    if kind == "ready":
+                        resume(msg)
+                    elif kind == "final" and isinstance(msg.get("seq"), int):
+                        progress.acked_seq = max(progress.acked_seq, msg["seq"])
+                    elif kind == "end":
+                        progress.ended = True
+                    elif kind == "error" and msg.get("retry_after_s") is not None:
+                        outcome.retry_after_s = float(msg["retry_after_s"])
                     if on_message is not None:
                         on_message(msg)
-                    if msg.get("type") in ("ready", "error") and not ready.done():
+                    if kind in ("ready", "error") and not ready.done():
                         ready.set_result(msg)
             except ConnectionClosed:
                 pass
@@ -138,33 +318,41 @@ async def stream_audio(
             got = await ready
             if got is None or got.get("type") != "ready":
                 return
-            run.started_at = t0 = time.monotonic()
-            for a in range(0, len(x), step):
+            outcome.ready = True
+            if progress.t0 is None:
+                progress.t0 = run.started_at = time.monotonic()
+            t0 = progress.t0
+            for a in range(progress.position, len(x), step):
                 chunk = x[a : a + step]
-                if realtime:
+                if opts["realtime"]:
                     # Absolute schedule: frame i leaves when its audio would have been captured.
                     delay = t0 + (a + len(chunk)) / rate - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
                 await ws.send(to_pcm16(chunk.reshape(-1)))
-                run.audio_s = (a + len(chunk)) / rate
-                if disconnect_after_s is not None and run.audio_s >= disconnect_after_s:
+                progress.position = a + len(chunk)
+                progress.sent_to = max(progress.sent_to, progress.position)
+                run.audio_s = max(run.audio_s, progress.position / rate)
+                if opts["disconnect_after_s"] is not None and run.audio_s >= opts["disconnect_after_s"]:
+                    outcome.done = True  # on purpose: no reconnect
                     await ws.close()
                     return
-            if stop:
+            if opts["stop"]:
                 run.stop_sent_at = time.monotonic()
                 await ws.send(json.dumps({"type": "stop"}))
 
         receiver = asyncio.create_task(receive())
         try:
-            await asyncio.wait_for(asyncio.gather(send(), receiver), timeout_s)
+            await asyncio.wait_for(asyncio.gather(send(), receiver), max(0.0, deadline - time.monotonic()))
         except ConnectionClosed:
             await receiver
-        finally:
+        finally:  # past ``timeout_s``, asyncio.TimeoutError reaches the caller (as before reconnects)
             receiver.cancel()
         run.close_code = ws.close_code
         run.close_reason = ws.close_reason or ""
-    return run
+    outcome.code = run.close_code
+    outcome.done = outcome.done or progress.ended or run.close_code == 1000
+    return outcome
 
 
 async def stream_file(path: str | Path, url: str = DEFAULT_URL, **kwargs) -> StreamRun:
@@ -269,6 +457,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="text: one line per utterance, a summary at the end; json: every message as a JSON line "
         "(default: text on a terminal, else json)",
     )
+    p.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="do not reconnect and resume the session after a lost connection (files only; --mic never does)",
+    )
+    p.add_argument(
+        "--reconnect-for", type=float, default=60.0, help="give up reconnecting after this many seconds (60)"
+    )
     p.set_defaults(func=cmd_stream)
     return p
 
@@ -298,6 +495,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
             if not args.file:
                 print("stream: give a FILE or --mic", file=sys.stderr)
                 return 2
+
+            def on_reconnect(record: Reconnect, delay_s: float) -> None:
+                why = f"close {record.after_code}" if record.after_code is not None else "connect failed"
+                print(f"stream: connection lost ({why}); reconnecting in {delay_s:.2f} s", file=sys.stderr)
+
             run = asyncio.run(
                 stream_file(
                     args.file,
@@ -305,6 +507,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
                     realtime=args.realtime,
                     frame_ms=args.frame_ms,
                     partials=not args.no_partials,
+                    reconnect=args.reconnect,
+                    reconnect_for_s=args.reconnect_for,
+                    on_reconnect=on_reconnect,
                     **kwargs,
                 )
             )
@@ -315,5 +520,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
         return 1
     finally:
         emit.finish()  # text: clear the partial line; summarise if no `end` came
-    ok = run.close_code in (1000, None) and not run.of_type("error")
+    if args.mic:
+        ok = run.close_code in (1000, None) and not run.of_type("error")
+    else:  # every final delivered, and the last connection ended without an error
+        ok = run.ended and not [m for m in run.last_connection() if m.get("type") == "error"]
+        if not run.connections:
+            print(f"stream: could not connect to {args.url}", file=sys.stderr)
     return 0 if ok else 1

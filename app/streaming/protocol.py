@@ -3,7 +3,24 @@
 Client -> server JSON: ``start``, ``stop``, ``ping``; audio travels in binary frames.
 Server -> client JSON: ``ready``, ``partial``, ``final``, ``interim``, ``warning``, ``error``,
 ``end``, ``pong``. Every message has a ``type``; times (``start``, ``end``) are seconds of audio
-from the start of the stream.
+on the *session's* timeline.
+
+Session timeline and resume: a new session starts at 0. A connection that names an existing
+``session_id`` continues it (after a network failure, a replica crash, or simply later): the
+server reads the session's *resume point* ``R``, the largest ``end`` of its stored results
+(``audio_duration_s`` of ``GET /v1/sessions/{id}``: every final a client ever received is stored
+before it is sent, so ``R`` is at or after the end of every acknowledged final), and places this
+connection's first audio frame at ``resume_offset_s = max(R, start.audio_offset_s or 0)``, which
+``ready`` reports. Every time of this connection (results, words, partials, interims) is that
+offset plus the audio time within the connection, so times keep increasing across connections.
+A client that kept its audio (a file, a buffered source) resends from ``resume_offset_s``; the
+audio between its last acknowledged final and the crash is analysed again, and nothing stored is
+analysed twice. A live source that cannot resend sets ``audio_offset_s`` to the time of the frame
+it sends next; the audio lost in between is a gap in the timeline. ``seq`` continues from the
+session's ``last_seq`` (reported in ``ready``): finals numbered up to ``last_seq`` that the client
+never received were stored by the previous connection and can be read with
+``GET /v1/sessions/{id}/results?after=<last seq received>``. ``utterance`` indexes restart at 0
+with each connection. With two channels, ``R`` is the largest end of either channel.
 """
 
 from __future__ import annotations
@@ -33,6 +50,12 @@ class StartMessage(BaseModel):
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN, description="null = a new id")
     metadata: dict[str, Any] | None = None
     partials: bool = Field(True, description="false: send no partial transcripts")
+    audio_offset_s: float | None = Field(
+        None,
+        ge=0,
+        description="session time of this connection's first frame (a live source resuming after a "
+        "gap); the server uses max(this, the session's resume point). null = the resume point",
+    )
 
 
 class StopMessage(BaseModel):
@@ -76,6 +99,10 @@ class ReadyMessage(BaseModel):
     channels: int
     models: list[str]
     settings: StreamSettings
+    resume_offset_s: float = Field(
+        0.0, description="session time of this connection's first audio frame (0 for a new session)"
+    )
+    last_seq: int = Field(0, description="the session's last stored result when this connection began")
 
 
 class PartialMessage(BaseModel):
@@ -130,6 +157,9 @@ class ErrorMessage(BaseModel):
     error: str = Field(description="machine-readable code, as in the REST error body")
     detail: str
     close_code: int | None = None
+    retry_after_s: float | None = Field(
+        None, description="when retrying may succeed (session_busy: when the holder's lease expires)"
+    )
 
 
 class EndStats(BaseModel):

@@ -26,6 +26,20 @@ reader awaits each one. The events are then handled on the loop:
   ``partials_skipped``: partials thin out under load, finals never wait for them.
 * ``InterimDue`` -> an emotion estimate of the utterance so far, also at ``Priority.PARTIAL``.
 
+Session timeline: ``open`` reads the session's resume point (``audio_duration_s``: the largest
+stored result end) and places the connection's first frame at ``time_offset_s`` = max(that,
+``start.audio_offset_s``); every time the session sends or stores is offset by it (see
+``app.streaming.protocol``), so a resumed session's times continue.
+
+Lease: the endpoint takes the session's ``SessionLease`` (``app.store.lease``) before ``open``; the
+heartbeat renews it every third of its TTL (and the store's ``heartbeat`` every third of
+``stream_stale_s``). A renewal that finds another holder calls ``on_lease_lost`` (the endpoint
+closes the stream 4009). Every final renews the lease right before it is stored, and is dropped
+(neither stored nor sent) when the lease is lost: a successful renewal holds the lease for a whole
+TTL, far longer than the append that follows, so a stream that lost its session to a resumed one
+never adds results behind its successor's resume point. ``finish`` ends the stored session only
+while the lease is still ours, so it never ends its successor's session either.
+
 Back-pressure: ``backlog_s`` is the audio of utterances that ended but whose final is not out
 yet. Above ``max_backlog_s`` the reader must stop reading (``wait_capacity``) until the backlog
 falls below 80 % of it, so a too-fast client is slowed by TCP flow control instead of losing
@@ -66,6 +80,7 @@ from app.analysis.segmenter import (
 )
 from app.inference.scheduler import Priority
 from app.schemas import Emotion, TextSentiment, WordOut, role_of
+from app.store.lease import SessionLease
 from app.streaming.audio import ArrivalClock, ChannelResampler, PcmDecoder
 from app.streaming.local_agreement import LocalAgreement
 from app.streaming.protocol import (
@@ -197,6 +212,8 @@ class StreamSession:
         clock: Callable[[], float] = time.monotonic,
         segmenter_factory: Callable[[int], UtteranceSegmenter] | None = None,
         ingest: Executor | None = None,
+        lease: SessionLease | None = None,
+        on_lease_lost: Callable[[], None] | None = None,
     ):
         self.session_id = session_id
         self.start_msg = start
@@ -238,6 +255,10 @@ class StreamSession:
         self._store_ok = True
         self._finished = False
         self._heartbeat: asyncio.Task | None = None
+        self.lease = lease
+        self._on_lease_lost = on_lease_lost
+        self.time_offset_s = 0.0  # session time of this connection's first frame (set by open)
+        self.resumed_after_seq = 0  # the session's last_seq when this connection opened it
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -269,13 +290,24 @@ class StreamSession:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open (or re-open) the stored session and send ``ready``."""
-        await self.store.open_session(self.session_id, self.start_msg.metadata, source="stream")
+        """Open (or re-open) the stored session, place this connection on its timeline, send ``ready``."""
+        view = await self.store.open_session(self.session_id, self.start_msg.metadata, source="stream")
+        view = view or {}
+        resume_point = float(view.get("audio_duration_s") or 0.0)
+        self.time_offset_s = round(max(resume_point, float(self.start_msg.audio_offset_s or 0.0)), 3)
+        self.resumed_after_seq = int(view.get("last_seq") or 0)
         beat = getattr(self.store, "heartbeat", None)
         stale_s = float(getattr(self.settings, "stream_stale_s", 0) or 0)
+        periods = []
         if beat is not None and stale_s > 0:  # keeps the stored session from being swept as stale
+            periods.append(stale_s / 3)
+        else:
+            beat = None
+        if self.lease is not None:  # keeps other replicas' streams off this session
+            periods.append(self.lease.ttl_s / 3)
+        if periods:
             self._heartbeat = asyncio.get_running_loop().create_task(
-                self._beat(beat, max(0.5, stale_s / 3)), name=f"heartbeat-{self.session_id}"
+                self._beat(beat, max(0.2, min(periods))), name=f"heartbeat-{self.session_id}"
             )
         self._emitter = asyncio.get_running_loop().create_task(
             self._emit_finals(), name=f"finals-{self.session_id}"
@@ -289,8 +321,14 @@ class StreamSession:
                 channels=m.channels,
                 models=self.announced_models,
                 settings=self.stream_settings(),
+                resume_offset_s=self.time_offset_s,
+                last_seq=self.resumed_after_seq,
             )
         )
+
+    def _t(self, samples: int) -> float:
+        """Session time (s) of a sample index of this connection (16 kHz channel time)."""
+        return round(self.time_offset_s + samples / SAMPLE_RATE, 3)
 
     @property
     def backlog_s(self) -> float:
@@ -400,19 +438,51 @@ class StreamSession:
         self._spec.clear()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if not await self._still_leased():
+            log.warning(
+                "stream %s: another stream holds the session now; leaving it open for that stream",
+                self.session_id,
+            )
+            return self.stats()
         try:
             await self.store.close_session(self.session_id)
         except Exception as exc:
             log.warning("stream %s: could not end the stored session: %s", self.session_id, exc)
         return self.stats()
 
+    async def _still_leased(self) -> bool:
+        """True unless another stream took the lease over (a store error counts as still ours)."""
+        if self.lease is None:
+            return True
+        try:
+            return await self.lease.renew()
+        except Exception as exc:
+            log.debug("stream %s: lease check failed: %s", self.session_id, exc)
+            return not self.lease.lost
+
     async def _beat(self, beat, every_s: float) -> None:
         while True:
             await asyncio.sleep(every_s)
-            try:
-                await beat(self.session_id)
-            except Exception as exc:  # the store is down: results warn on their own
-                log.debug("stream %s: heartbeat failed: %s", self.session_id, exc)
+            if beat is not None:
+                try:
+                    await beat(self.session_id)
+                except Exception as exc:  # the store is down: results warn on their own
+                    log.debug("stream %s: heartbeat failed: %s", self.session_id, exc)
+            if self.lease is not None:
+                try:
+                    held = await self.lease.renew()
+                except Exception as exc:  # the store is down: keep streaming, try again next beat
+                    log.debug("stream %s: lease renewal failed: %s", self.session_id, exc)
+                    continue
+                if not held:
+                    log.warning("stream %s: lease taken over by another stream", self.session_id)
+                    self._lease_lost()
+                    return
+
+    def _lease_lost(self) -> None:
+        callback, self._on_lease_lost = self._on_lease_lost, None  # once
+        if callback is not None:
+            callback()
 
     def stats(self) -> EndStats:
         c = self.counters
@@ -458,7 +528,12 @@ class StreamSession:
     def _analysis_task(self, channel: int, audio: np.ndarray, start: int) -> asyncio.Task:
         """A final's analysis at ``Priority.FINAL`` (the lane keeps room for it: no retry)."""
         coro = self.backend.analyze(
-            audio, self.models, channel, start / SAMPLE_RATE, self.key, priority=Priority.FINAL
+            audio,
+            self.models,
+            channel,
+            self.time_offset_s + start / SAMPLE_RATE,  # unrounded: word times as /v1/predict gives them
+            self.key,
+            priority=Priority.FINAL,
         )
         task = asyncio.get_running_loop().create_task(coro)
         task.add_done_callback(_retrieve)
@@ -535,7 +610,13 @@ class StreamSession:
                 )
             )
             return
-        start_s, end_s = round(job.start / SAMPLE_RATE, 3), round(job.end / SAMPLE_RATE, 3)
+        if not await self._still_leased():
+            # Another stream resumed this session (this one stalled past its lease): that stream
+            # analyses this audio again from the resume point it read; storing here would add it twice.
+            log.warning("stream %s: lease lost; utterance %d not stored", self.session_id, job.utterance)
+            self._lease_lost()
+            return
+        start_s, end_s = self._t(job.start), self._t(job.end)
         # result shape v2: the start message's ``roles`` name the channels; the store keeps the
         # words always, the final carries them only when the start message asked (``words``)
         role = role_of(getattr(self.start_msg, "roles", None), job.channel)
@@ -632,8 +713,8 @@ class StreamSession:
                 session_id=self.session_id,
                 channel=channel,
                 utterance=ev.utterance,
-                start=round(ev.start / SAMPLE_RATE, 3),
-                end=round(ev.end / SAMPLE_RATE, 3),
+                start=self._t(ev.start),
+                end=self._t(ev.end),
                 confirmed=agreement.confirmed_text,
                 unconfirmed=agreement.unconfirmed_text,
             )
@@ -644,7 +725,7 @@ class StreamSession:
             ev.audio,
             self.models,
             channel,
-            ev.start / SAMPLE_RATE,
+            self.time_offset_s + ev.start / SAMPLE_RATE,
             self.key,
             count_audio=False,
             priority=Priority.PARTIAL,
@@ -656,8 +737,8 @@ class StreamSession:
                 session_id=self.session_id,
                 channel=channel,
                 utterance=ev.utterance,
-                start=round(ev.start / SAMPLE_RATE, 3),
-                end=round(ev.end / SAMPLE_RATE, 3),
+                start=self._t(ev.start),
+                end=self._t(ev.end),
                 emotion=out.emotion,
             )
         )
