@@ -34,11 +34,15 @@ $(VENV)/.test: pyproject.toml | $(PY)
 install: $(VENV)/.serve
 install-test: $(VENV)/.test
 
-# Debian packages the tests need: a real redis-server for the Redis store backend.
+# Debian packages the tests need: a real redis-server for the Redis store backend; chromium and
+# chromium-driver for the web UI tests (tests/test_browser.py).
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (apt), for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 serve: $(VENV)/.serve
 	$(VENV)/bin/emotion-server serve --host $(HOST) --port $(PORT)

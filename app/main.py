@@ -27,6 +27,7 @@ from fastapi_offline import FastAPIOffline
 from app.api import errors as api_errors
 from app.api import health, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
+from app.api import web as web_ui
 from app.api.auth import RateLimits, install_log_redaction, require_api_key
 from app.inference.admission import Admission
 from app.observability import RequestIdMiddleware, warn_unknown_env_vars
@@ -112,6 +113,7 @@ def create_app(
             "models and their ensemble. Errors are JSON `{error, detail}`."
         ),
         lifespan=lifespan,
+        redoc_url=None,  # /redoc: app.api.web serves it without the one CDN file fastapi-offline's fetches
         responses=api_errors.VALIDATION_RESPONSES,  # every route: our {error, detail}, not FastAPI's 422
     )
     app.state.settings = settings
@@ -143,4 +145,5 @@ def create_app(
     app.include_router(predict.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     app.include_router(stream.router, dependencies=secured)
     app.include_router(sessions.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
+    app.include_router(web_ui.router)  # web UI (/, /ui/...): open pages; their API calls carry the key
     return app
