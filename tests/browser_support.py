@@ -8,6 +8,7 @@
 * ``console_errors(driver)``: SEVERE browser log entries since the last call.
 * ``requested_urls(driver)``: every URL pages requested since the last call (performance log).
 * ``fake_audio_wav(...)``: a 16-bit WAV of a fixture with silence around it.
+* ``wait_for``, ``css``, ``settle``, ``assert_clean``: the tests' small Selenium vocabulary.
 
 Thread-safety: a WebDriver is used from one thread at a time.
 """
@@ -125,3 +126,30 @@ def fake_audio_wav(src: Path, dst: Path, lead_s: float = 1.0, tail_s: float = 2.
     )
     sf.write(str(dst), y, rate, subtype="PCM_16")
     return dst
+
+
+def wait_for(driver, predicate, timeout_s: float = 90.0, what: str = "condition"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(predicate, message=what)
+
+
+def css(driver, selector: str) -> list:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def settle(driver) -> None:
+    """Drain the logs of earlier steps, so that a check sees only its own page's entries."""
+    console_errors(driver)
+    requested_urls(driver)
+
+
+def assert_clean(driver, base: str) -> None:
+    """No console error, and nothing requested from anywhere but ``base`` (http or ws)."""
+    errors = console_errors(driver)
+    assert not errors, errors
+    urls = requested_urls(driver)
+    foreign = [u for u in urls if not u.startswith((base, base.replace("http", "ws", 1), "data:", "blob:"))]
+    assert not foreign, foreign

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests import browser_support as bs
+from tests.browser_support import assert_clean, css, settle, wait_for
 from tests.test_stream_ws import LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,33 +68,6 @@ def driver(tmp_path_factory):
     drv = bs.chrome(fake_audio=wav)
     yield drv
     drv.quit()
-
-
-def wait_for(driver, predicate, timeout_s: float = WAIT_S, what: str = "condition"):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(lambda d: predicate(d), message=what)
-
-
-def css(driver, selector):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, selector)
-
-
-def assert_clean(driver, base: str) -> None:
-    """No console error, and nothing requested outside this server."""
-    errors = bs.console_errors(driver)
-    assert not errors, errors
-    urls = bs.requested_urls(driver)
-    foreign = [u for u in urls if not u.startswith((base, base.replace("http", "ws", 1), "data:", "blob:"))]
-    assert not foreign, foreign
-
-
-def settle(driver) -> None:
-    """Drain the logs of earlier steps so a check sees only its own page."""
-    bs.console_errors(driver)
-    bs.requested_urls(driver)
 
 
 PAGES = {

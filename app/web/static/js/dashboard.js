@@ -147,6 +147,10 @@ async function startList() {
     if (opened) loadList(); // reconnected: catch up on what was missed
     opened = true;
   };
+  source.addEventListener("deleted", (event) => {
+    sessions.delete(JSON.parse(event.data).session_id);
+    renderList();
+  });
   for (const kind of ["created", "result", "ended", "alert"]) {
     source.addEventListener(kind, (event) => onListEvent(kind, JSON.parse(event.data)));
   }
@@ -205,6 +209,14 @@ function addResults(v, results) {
     list.append(resultItem(r, { showWords: false }));
   }
   $("sv-count").textContent = `(${v.results.size})`;
+  if (v.session) {
+    // keep the header current between the periodic session reads
+    const last = results[results.length - 1];
+    v.session.result_count = Math.max(v.session.result_count || 0, v.results.size);
+    v.session.audio_duration_s = Math.max(v.session.audio_duration_s || 0, ...results.map((r) => r.end || 0));
+    if (last.received_at) v.session.updated_at = last.received_at;
+    renderMeta(v.session);
+  }
   renderTimelines($("sv-timelines"), $("sv-legend"), [...v.results.values()]);
   scheduleSummary(v);
 }
@@ -223,7 +235,7 @@ function addAlert(v, alert) {
       { class: "alert", dataset: { seq: alert.seq ?? "" } },
       el("strong", { text: what || "alert" }),
       when ? el("span", { class: "muted small", text: ` ${when.toLocaleTimeString()}` }) : null,
-      alert.detail || alert.message ? el("span", { text: ` ${alert.detail || alert.message}` }) : null,
+      alert.text || alert.detail || alert.message ? el("span", { class: "alert-text", text: ` “${alert.text || alert.detail || alert.message}”` }) : null,
     ),
   );
 }
@@ -250,14 +262,25 @@ function scheduleSummary(v) {
   v.summaryTimer = setTimeout(() => loadSummary(v), 800);
 }
 
-/** Per-speaker summaries of the server's answer, whatever its grouping key: [[name, stats]]. */
+/** Per-speaker rows of the server's summary ([[name, stats]]): `by_role` (keys are roles, or
+ * `channel_<n>` for results without one) plus `overall`; other groupings are tolerated. */
 function summaryGroups(summary) {
-  for (const key of ["roles", "by_role", "per_role", "groups", "speakers", "channels", "by_channel", "per_channel"]) {
+  const pretty = (name) => String(name).replace(/^channel_(\d+)$/, "channel $1");
+  let rows = [];
+  for (const key of ["by_role", "per_role", "groups", "speakers", "by_channel", "per_channel", "channels", "roles"]) {
     const value = summary && summary[key];
-    if (Array.isArray(value)) return value.map((g, i) => [String(g.role ?? g.name ?? (g.channel !== undefined ? `channel ${g.channel}` : i)), g]);
-    if (value && typeof value === "object") return Object.entries(value);
+    if (Array.isArray(value) && value.length && typeof value[0] === "object") {
+      rows = value.map((g, i) => [pretty(g.role ?? g.name ?? (g.channel !== undefined ? `channel ${g.channel}` : i)), g]);
+    } else if (value && typeof value === "object" && !Array.isArray(value)) {
+      rows = Object.entries(value).map(([name, g]) => [pretty(name), g]);
+    }
+    if (rows.length) break;
   }
-  return Object.entries(summary || {}).filter(([, g]) => g && typeof g === "object" && typeof g.utterances === "number");
+  if (!rows.length) {
+    rows = Object.entries(summary || {}).filter(([k, g]) => k !== "overall" && g && typeof g === "object" && typeof g.utterances === "number");
+  }
+  if (summary && summary.overall && typeof summary.overall === "object" && rows.length > 1) rows.push(["overall", summary.overall]);
+  return rows;
 }
 
 /** The same numbers from the results on the page (servers without the summary route). */

@@ -85,18 +85,29 @@ export function labelChip(emotion) {
 }
 
 export function sentimentBadge(sentiment) {
-  if (!sentiment || !sentiment.label) return null;
+  const label = sentimentLabel(sentiment);
+  if (!label) return null;
   const compound = typeof sentiment.compound === "number" ? ` ${sentiment.compound.toFixed(2)}` : "";
   return el("span", {
-    class: `chip sentiment sent-${sentiment.label.replace(/[^a-z]/g, "")}`,
+    class: `chip sentiment sent-${label.replace(/[^a-z]/g, "")}`,
     title: `text sentiment (${sentiment.source || "text"})`,
-    text: `text: ${sentiment.label}${compound}`,
+    dataset: { sentiment: label },
+    text: `text: ${label}${compound}`,
   });
+}
+
+/** The text sentiment's label; from VADER's compound (>= 0.05 / <= -0.05) when the label is missing. */
+export function sentimentLabel(sentiment) {
+  if (!sentiment) return null;
+  if (sentiment.label) return sentiment.label;
+  const c = sentiment.compound;
+  if (typeof c !== "number") return null;
+  return c >= 0.05 ? "positive" : c <= -0.05 ? "negative" : "neutral";
 }
 
 /** Why text and voice disagree (text positive & voice negative, text negative & voice happy), or null. */
 export function disagreement(result) {
-  const text = result && result.text_sentiment && result.text_sentiment.label;
+  const text = result && sentimentLabel(result.text_sentiment);
   const voice = result && result.emotion && result.emotion.label;
   if (!text || !voice) return null;
   if (text === "positive" && NEGATIVE.has(voice)) return `positive words, ${voice} voice`;
