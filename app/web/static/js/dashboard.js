@@ -30,7 +30,7 @@ const PAGE = 1000;
 const $ = (id) => document.getElementById(id);
 const enc = encodeURIComponent;
 
-const stats = { listMode: null, viewMode: null, seen: {}, errors: [] };
+const stats = { listMode: null, viewMode: null, liveMode: null, seen: {}, errors: [] };
 window.dashStats = stats;
 
 const sessions = new Map(); // id -> session JSON as listed
@@ -178,6 +178,7 @@ function closeView() {
 
 function setViewMode(mode) {
   stats.viewMode = mode;
+  if (mode === "events" || mode === "long-poll") stats.liveMode = mode; // how the last live view was followed
   $("sv-mode").textContent = mode === "events" ? "live (events)" : mode === "long-poll" ? "live (long poll)" : mode;
 }
 
