@@ -11,7 +11,9 @@ and the SQLite store.
 * the dashboard shows a session appear while the Python client streams, follows it (both finals,
   a timeline, the summary) and sees it end; the lag between the client's finals and the page is
   written to the artefacts;
-* the upload page analyses a fixture and shows its segment.
+* the upload page analyses a fixture and shows its segment;
+* the page's AudioWorklet resamples 48 and 44.1 kHz to 16 kHz 20-ms frames, keeping a 1-kHz tone's
+  level and removing a 12-kHz one (no alias in the speech band).
 
 Screenshots and JSON go to ``test-artifacts/browser/`` (git-ignored); the path is printed at the end.
 """
@@ -280,4 +282,49 @@ def test_upload_page_shows_segments(server, driver, artifacts):
     assert css(driver, "#overall .bars .bar-row")
     assert len(css(driver, "#timelines figure.timeline-group")) == 1
     assert "done: 1 segment" in driver.find_element(By.ID, "status").text
+    assert_clean(driver, server.base)
+
+
+RESAMPLE_SCRIPT = """
+const [rate, tones, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+(async () => {
+  const out = {};
+  for (const hz of tones) {
+    const ctx = new OfflineAudioContext(1, rate, rate);  // 1 s
+    await ctx.audioWorklet.addModule("/ui/static/js/pcm-worklet.js");
+    const node = new AudioWorkletNode(ctx, "pcm-downsampler", {processorOptions: {targetRate: 16000, frameMs: 20}});
+    const frames = [];
+    node.port.onmessage = ({data}) => frames.push(new Int16Array(data.pcm));
+    const osc = new OscillatorNode(ctx, {frequency: hz});
+    const gain = new GainNode(ctx, {gain: 0.5});
+    osc.connect(gain).connect(node);
+    node.connect(ctx.destination);
+    osc.start();
+    await ctx.startRendering();
+    await new Promise((r) => setTimeout(r, 300));  // the last posted frames
+    const samples = frames.flatMap((f) => Array.from(f));
+    const tail = samples.slice(1600);  // past the filter's start-up
+    const rms = Math.sqrt(tail.reduce((s, v) => s + v * v, 0) / tail.length) / 32768;
+    out[hz] = {frames: frames.length, frameSizes: [...new Set(frames.map((f) => f.length))], rms};
+  }
+  done(out);
+})().catch((e) => done({error: String(e)}));
+"""
+
+
+@pytest.mark.parametrize("rate", [48000, 44100])
+def test_worklet_resamples_to_16k_without_aliasing(server, driver, rate):
+    """The page's AudioWorklet (in Chromium, offline rendering): 1 s in -> 50 frames of 320 samples;
+    a 1-kHz tone keeps its level; a 12-kHz tone (above the 8-kHz Nyquist of 16 kHz) is removed
+    instead of folding back into the speech band as a 4-kHz alias."""
+    settle(driver)
+    driver.get(server.base + "/ui/mic")
+    got = driver.execute_async_script(RESAMPLE_SCRIPT, rate, [1000, 12000])
+    assert "error" not in got, got
+    tone, alias = got["1000"], got["12000"]
+    print(rate, got)
+    assert tone["frameSizes"] == [320] and 49 <= tone["frames"] <= 50, tone
+    sine_rms = 0.5 / 2**0.5
+    assert abs(tone["rms"] / sine_rms - 1) < 0.02, tone  # passband: within 2 %
+    assert alias["rms"] < sine_rms * 10 ** (-40 / 20), alias  # stopband: at least 40 dB down
     assert_clean(driver, server.base)
