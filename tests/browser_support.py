@@ -9,16 +9,21 @@
 * ``requested_urls(driver)``: every URL pages requested since the last call (performance log).
 * ``fake_audio_wav(...)``: a 16-bit WAV of a fixture with silence around it.
 * ``wait_for``, ``css``, ``settle``, ``assert_clean``: the tests' small Selenium vocabulary.
+* ``serve(app)``: an ASGI app under uvicorn on a free loopback port, in a thread.
 
 Thread-safety: a WebDriver is used from one thread at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +158,37 @@ def assert_clean(driver, base: str) -> None:
     urls = requested_urls(driver)
     foreign = [u for u in urls if not u.startswith((base, base.replace("http", "ws", 1), "data:", "blob:"))]
     assert not foreign, foreign
+
+
+@contextlib.contextmanager
+def serve(app, ready_path: str = "/healthz", timeout_s: float = 30.0) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port; yields its base URL once ``ready_path``
+    answers below 500."""
+    import httpx
+    import uvicorn
+
+    from tests.stream_support import free_port
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                if httpx.get(base + ready_path, timeout=2).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{base}{ready_path} did not answer")
+            time.sleep(0.05)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

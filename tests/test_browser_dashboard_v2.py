@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from datetime import datetime, timezone
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -29,7 +27,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app.api import web
 from tests import browser_support as bs
 from tests.browser_support import assert_clean, css, settle, wait_for
-from tests.stream_support import free_port
 
 pytestmark = pytest.mark.skipif(bs.missing() is not None, reason=bs.missing() or "")
 
@@ -68,8 +65,7 @@ class ContractServer:
         self.results: dict[str, list[dict]] = {}
         self.alerts: dict[str, list[dict]] = {}
         self.bus: list[tuple[str, dict]] = []  # (event, data) for GET /v1/events
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = ""  # set once served
         self.app = self._app()
 
     # --- script -------------------------------------------------------------------------------
@@ -248,35 +244,13 @@ class ContractServer:
 
         return app
 
-    def start(self) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="contract-uvicorn", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.base + "/v1/sessions", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise TimeoutError("contract server did not start")
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
 
 @pytest.fixture(scope="module")
 def fake():
     srv = ContractServer()
-    srv.start()
-    yield srv
-    srv.stop()
+    with bs.serve(srv.app, "/v1/sessions") as base:
+        srv.base = base
+        yield srv
 
 
 @pytest.fixture(scope="module")
