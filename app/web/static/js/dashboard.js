@@ -108,7 +108,7 @@ function onListEvent(kind, data) {
     if (s) {
       s.last_result = data.result;
       s.last_seq = Math.max(s.last_seq || 0, data.result.seq || 0);
-      s.result_count = Math.max((s.result_count || 0) + 1, s.last_seq);
+      s.result_count = Math.max(s.result_count || 0, s.last_seq); // seq counts results: replays cannot inflate it
       s.updated_at = data.result.received_at || new Date().toISOString();
     } else {
       refreshOne(id);
