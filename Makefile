@@ -35,7 +35,8 @@ install: $(VENV)/.serve
 install-test: $(VENV)/.test
 
 # Debian packages the tests need: a real redis-server for the Redis store backend, nginx for the
-# replica test (two servers behind deploy/nginx.conf).
+# replica test (two servers behind deploy/nginx.conf), chromium and chromium-driver for the web UI
+# tests (tests/test_browser*.py).
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (apt)"; \
@@ -43,6 +44,9 @@ system-deps:
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
 	  echo "installing nginx (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (apt), for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 serve: $(VENV)/.serve
 	$(VENV)/bin/emotion-server serve --host $(HOST) --port $(PORT)

@@ -28,6 +28,7 @@ from app.api import errors as api_errors
 from app.api import health, jobs, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
 from app.api.api_info import DESCRIPTION, VERSION
+from app.api import web as web_ui
 from app.api.auth import RateLimits, install_log_redaction, require_api_key
 from app.api.openai_compat import router as openai_router
 from app.inference.admission import Admission
@@ -114,6 +115,7 @@ def create_app(
         version=VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        redoc_url=None,  # /redoc: app.api.web serves it without the one CDN file fastapi-offline's fetches
         responses=api_errors.VALIDATION_RESPONSES,  # every route: our {error, detail}, not FastAPI's 422
     )
     app.state.settings = settings
@@ -148,4 +150,5 @@ def create_app(
     app.include_router(sessions.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     app.include_router(openai_router, dependencies=secured)  # errors in OpenAI's shape
     app.include_router(jobs.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
+    app.include_router(web_ui.router)  # web UI (/, /ui/...): open pages; their API calls carry the key
     return app
