@@ -28,28 +28,29 @@ if "$DOCKER" image inspect "$TAG" >/dev/null 2>&1; then
   exit 0
 fi
 
-if ! command -v debootstrap >/dev/null 2>&1; then
-  log "installing debootstrap (apt)"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2
-fi
-
 ROOT="$(mktemp -d /var/tmp/emotion-base.XXXXXX)"
 chmod 755 "$ROOT"  # apt in the chroot downloads as the unprivileged _apt user
+LOG="$ROOT.log"    # apt and debootstrap chatter; its tail is printed when a step fails
 cleanup() {
   # debootstrap may leave /proc and /sys mounted inside the root on failure.
   for m in proc sys dev/pts dev; do umount -l "$ROOT/$m" 2>/dev/null || true; done
   rm -rf --one-file-system "$ROOT"
+  rm -f "$LOG"
 }
 trap cleanup EXIT
+quiet() {
+  "$@" >>"$LOG" 2>&1 || { tail -n 40 "$LOG" >&2; log "failed: $*"; exit 1; }
+}
 
 started=$(date +%s)
+if ! command -v debootstrap >/dev/null 2>&1; then
+  log "installing debootstrap (apt)"
+  quiet apt-get update -qq
+  quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap
+fi
+
 log "debootstrap $SUITE ($PACKAGES) from $MIRROR into $ROOT"
-debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR" >"$ROOT.log" 2>&1 || {
-  tail -n 40 "$ROOT.log" >&2
-  exit 1
-}
-rm -f "$ROOT.log"
+quiet debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR"
 
 # Security and point-release updates, as a registry image would have them.
 cat >"$ROOT/etc/apt/sources.list" <<EOF
@@ -58,8 +59,9 @@ deb $MIRROR $SUITE-updates main
 deb $SECURITY_MIRROR $SUITE-security main
 EOF
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
-chroot "$ROOT" /bin/sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq' >&2
-chroot "$ROOT" apt-get clean
+log "apt-get upgrade from $SUITE-updates and $SUITE-security"
+quiet chroot "$ROOT" /bin/sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq'
+quiet chroot "$ROOT" apt-get clean
 rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT"/var/log/*.log "$ROOT"/tmp/*
 : >"$ROOT/etc/resolv.conf"  # docker bind-mounts its own at run time
 

@@ -31,8 +31,9 @@ die() { echo "[docker-test] FAILED: $*" >&2; exit 1; }
 
 apt_install() {
   log "apt-get install $*"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  mkdir -p var
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; } >var/docker-apt.log 2>&1 \
+    || { tail -n 40 var/docker-apt.log >&2; die "apt-get install $*"; }
 }
 
 cleanup() {
