@@ -71,5 +71,10 @@ train-defaults: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) bench/predict_bench.py
 
+# Build the CPU Docker image on a local debootstrap base and check it from the outside (docker/).
+.PHONY: docker-test
+docker-test: $(VENV)/.serve
+	PY=$(PY) bash docker/docker_test.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache

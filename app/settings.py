@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     utterance_post_pad_ms: int = Field(150, description="audio kept after the detected speech end")
     utterance_max_s: float = Field(15.0, description="longer speech is cut into utterances of this length")
 
+    # --- documentation files served by the web UI (a non-editable install has no repo beside it) ---
+    docs_dir: Path = Field(REPO_ROOT / "docs", description="docs/*.md directory; the image sets /srv/docs")
+
     # --- text encoder -------------------------------------------------------------------
     text_model: str = Field("", description="ONNX text encoder directory; empty = bundled all-MiniLM-L6-v2")
 
