@@ -27,8 +27,8 @@ from fastapi_offline import FastAPIOffline
 from app.api import errors as api_errors
 from app.api import health, jobs, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
-from app.api.api_info import DESCRIPTION, VERSION
 from app.api import web as web_ui
+from app.api.api_info import DESCRIPTION, VERSION
 from app.api.auth import RateLimits, install_log_redaction, require_api_key
 from app.api.openai_compat import router as openai_router
 from app.inference.admission import Admission
