@@ -80,8 +80,10 @@ async def ui_root() -> RedirectResponse:
 
 
 @router.get("/ui/protocol")
-async def protocol_page() -> HTMLResponse:
-    return HTMLResponse(render_protocol(), headers=SECURITY_HEADERS)
+async def protocol_page(request: Request) -> HTMLResponse:
+    # settings.docs_dir: an installed package (the Docker image) has no repository around it
+    doc = request.app.state.settings.docs_dir / PROTOCOL_DOC.name
+    return HTMLResponse(render_protocol(doc), headers=SECURITY_HEADERS)
 
 
 @router.get("/ui/static/{path:path}")
