@@ -25,14 +25,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from app.api import errors as api_errors
+from app.api import events as api_events
 from app.api import health, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
-from app.api.auth import RateLimits, install_log_redaction, require_api_key
+from app.api.auth import RateLimits, install_log_redaction, require_api_key, require_api_key_or_query
 from app.inference.admission import Admission
 from app.observability import RequestIdMiddleware, warn_unknown_env_vars
 from app.service import EmotionService
 from app.settings import Settings, get_settings
 from app.store import open_store
+from app.store.events import open_bus
+from app.store.publishing import with_events
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ def create_app(
         opened = store is _UNSET
         warn_unknown_env_vars()  # EMOTION_* typos (environment and .env), with the closest setting name
         app.state.store = open_store(settings) if opened else store
+        # events (SSE, webhooks): the store publishes on a bus of its kind (app.store.events)
+        app.state.events = open_bus(settings, app.state.store) if app.state.store is not None else None
+        app.state.store = with_events(app.state.store, app.state.events)
         await _recover_sessions(app.state.store, settings)
         sweeper = asyncio.create_task(_sweep_sessions(app.state.store, settings), name="session-sweep")
         app.state.start_task = asyncio.create_task(_start_service(app, service), name="service-start")
@@ -100,6 +106,8 @@ def create_app(
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
             await service.stop()
+            if app.state.events is not None:
+                await app.state.events.close()
             if opened and app.state.store is not None:
                 await app.state.store.close()
 
@@ -117,6 +125,7 @@ def create_app(
     app.state.settings = settings
     app.state.service = service
     app.state.store = None if store is _UNSET else store
+    app.state.events = None  # the event bus, opened with the store (lifespan)
     app.state.start_error = None  # set when start-up fails: /healthz turns 503
     app.state.rate_limits = RateLimits()  # auth-failure and per-key token buckets (this process)
     app.state.admission = Admission.from_settings(settings)  # stream slots, memory budgets, queued work
@@ -143,4 +152,9 @@ def create_app(
     app.include_router(predict.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     app.include_router(stream.router, dependencies=secured)
     app.include_router(sessions.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
+    app.include_router(  # EventSource cannot send headers: ?api_key= too
+        api_events.router,
+        dependencies=[Depends(require_api_key_or_query)],
+        responses=api_errors.AUTH_RESPONSES,
+    )
     return app
