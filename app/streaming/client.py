@@ -82,6 +82,8 @@ async def stream_audio(
     session_id: str | None = None,
     metadata: dict[str, Any] | None = None,
     partials: bool = True,
+    roles: list[str] | None = None,
+    words: bool = False,
     api_key: str | None = None,
     on_message: Callable[[dict], None] | None = None,
     stop: bool = True,
@@ -109,6 +111,10 @@ async def stream_audio(
         start["metadata"] = metadata
     if not partials:
         start["partials"] = False
+    if roles:
+        start["roles"] = roles
+    if words:
+        start["words"] = True
 
     async with connect(
         url, additional_headers=_headers(api_key), ping_timeout=None, max_size=2**22, open_timeout=30
@@ -186,7 +192,7 @@ async def stream_mic(
     on_message = kwargs.pop("on_message", None)
     api_key = kwargs.pop("api_key", None)
     start = {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "channels": channels}
-    for k in ("models", "session_id", "metadata"):
+    for k in ("models", "session_id", "metadata", "roles", "words"):
         if kwargs.get(k):
             start[k] = kwargs[k]
 
@@ -249,6 +255,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="API key (default: $EMOTION_API_KEY)")
     p.add_argument("--frame-ms", type=float, default=20.0, help="audio per binary frame (default 20)")
     p.add_argument("--no-partials", action="store_true", help="ask for finals only")
+    p.add_argument("--roles", default="", help="role per channel, e.g. agent,customer")
+    p.add_argument("--words", action="store_true", help="finals with word timings and confidences")
     p.add_argument("--mic", action="store_true", help="stream the default input device (needs sounddevice)")
     p.set_defaults(func=cmd_stream)
     return p
@@ -265,6 +273,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         models=[m.strip() for m in args.models.split(",") if m.strip()] or None,
         session_id=args.session_id,
         metadata=json.loads(args.metadata) if args.metadata else None,
+        roles=[r.strip() for r in args.roles.split(",") if r.strip()] or None,
+        words=args.words,
         api_key=args.api_key or os.environ.get("EMOTION_API_KEY"),
         on_message=emit,
     )

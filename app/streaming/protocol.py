@@ -4,18 +4,24 @@ Client -> server JSON: ``start``, ``stop``, ``ping``; audio travels in binary fr
 Server -> client JSON: ``ready``, ``partial``, ``final``, ``interim``, ``warning``, ``error``,
 ``end``, ``pong``. Every message has a ``type``; times (``start``, ``end``) are seconds of audio
 from the start of the stream.
+
+``start.roles`` names the channels (index = channel, e.g. ``["agent", "customer"]``: at most
+``channels`` names of ``ROLE_PATTERN``); each ``final`` and stored result then carries its
+``role``, and the session keeps them (summaries and alert rules are per role). ``start.words``
+(default false) asks for the word timings in ``final``; the session store keeps them either way.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_serializer, model_validator
 
 from app.schemas import Emotion, WordOut
 
 ENCODINGS = {"pcm_s16le": 2, "f32le": 4}  # bytes per sample
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+ROLE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
 PROTOCOL_VERSION = 1
 
 
@@ -33,6 +39,16 @@ class StartMessage(BaseModel):
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN, description="null = a new id")
     metadata: dict[str, Any] | None = None
     partials: bool = Field(True, description="false: send no partial transcripts")
+    roles: list[Annotated[str, Field(pattern=ROLE_PATTERN)]] | None = Field(
+        None, description='role per channel, e.g. ["agent", "customer"] (at most `channels` names)'
+    )
+    words: bool = Field(False, description="true: finals carry word timings and confidences")
+
+    @model_validator(mode="after")
+    def _roles_fit_channels(self) -> StartMessage:
+        if self.roles is not None and len(self.roles) > self.channels:
+            raise ValueError(f"{len(self.roles)} roles for {self.channels} channel(s)")
+        return self
 
 
 class StopMessage(BaseModel):
@@ -94,14 +110,25 @@ class FinalMessage(BaseModel):
     seq: int | None = Field(description="sequence number in the session store; null if storing failed")
     session_id: str
     channel: int
+    role: str | None = Field(None, description="start.roles[channel]; null without roles")
     utterance: int
     start: float
     end: float
     text: str
-    words: list[WordOut] = Field(default_factory=list)
+    words: list[WordOut] | None = Field(None, description="only with start.words=true (absent otherwise)")
     emotion: Emotion | None
+    text_sentiment: dict[str, Any] | None = Field(
+        None, description="sentiment of the text, when the server computes it"
+    )
     reason: Literal["end_of_speech", "max_length", "stop", "disconnect", "idle", "error"]
     latency_ms: float = Field(description="from the arrival of the frame in which the speech ended")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_words(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("words") is None:
+            data.pop("words", None)
+        return data
 
 
 class InterimMessage(BaseModel):

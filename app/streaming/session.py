@@ -26,6 +26,9 @@ reader awaits each one. The events are then handled on the loop:
   ``partials_skipped``: partials thin out under load, finals never wait for them.
 * ``InterimDue`` -> an emotion estimate of the utterance so far, also at ``Priority.PARTIAL``.
 
+Roles and words: ``start.roles[channel]`` is each final's ``role`` (stored with the result, and with
+the session on open); finals carry ``words`` only with ``start.words`` (the store always keeps them).
+
 Back-pressure: ``backlog_s`` is the audio of utterances that ended but whose final is not out
 yet. Above ``max_backlog_s`` the reader must stop reading (``wait_capacity``) until the backlog
 falls below 80 % of it, so a too-fast client is slowed by TCP flow control instead of losing
@@ -95,6 +98,7 @@ class UtteranceOutput:
     words: list[WordOut]
     emotion: Emotion | None
     extra: dict[str, Any] = field(default_factory=dict)  # stored with the result (language, timing)
+    text_sentiment: dict[str, Any] | None = None  # when the service computes it (result shape v2)
 
 
 class StreamBackend(Protocol):
@@ -269,7 +273,8 @@ class StreamSession:
 
     async def open(self) -> None:
         """Open (or re-open) the stored session and send ``ready``."""
-        await self.store.open_session(self.session_id, self.start_msg.metadata, source="stream")
+        roles = {"roles": self.start_msg.roles} if self.start_msg.roles is not None else {}
+        await self.store.open_session(self.session_id, self.start_msg.metadata, source="stream", **roles)
         beat = getattr(self.store, "heartbeat", None)
         stale_s = float(getattr(self.settings, "stream_stale_s", 0) or 0)
         if beat is not None and stale_s > 0:  # keeps the stored session from being swept as stale
@@ -535,14 +540,18 @@ class StreamSession:
             )
             return
         start_s, end_s = round(job.start / SAMPLE_RATE, 3), round(job.end / SAMPLE_RATE, 3)
+        roles = self.start_msg.roles or []
+        role = roles[job.channel] if job.channel < len(roles) else None
         result = {
             "channel": job.channel,
+            "role": role,
             "utterance": job.utterance,
             "start": start_s,
             "end": end_s,
             "text": out.text,
             "words": [w.model_dump() for w in out.words],
             "emotion": out.emotion.model_dump() if out.emotion is not None else None,
+            "text_sentiment": out.text_sentiment,
             "reason": job.reason,
             "source": "stream",
             **out.extra,
@@ -569,12 +578,14 @@ class StreamSession:
                 seq=seq,
                 session_id=self.session_id,
                 channel=job.channel,
+                role=role,
                 utterance=job.utterance,
                 start=start_s,
                 end=end_s,
                 text=out.text,
-                words=out.words,
+                words=out.words if self.start_msg.words else None,
                 emotion=out.emotion,
+                text_sentiment=out.text_sentiment,
                 reason=job.reason,
                 latency_ms=round(latency_ms, 1),
             )
@@ -693,11 +704,15 @@ class ServiceBackend:
             priority=priority,
             timeout_s=self._low_timeout(priority),
         )
+        sentiment = getattr(r, "text_sentiment", None)  # result shape v2, when the service has it
+        if sentiment is not None and hasattr(sentiment, "model_dump"):
+            sentiment = sentiment.model_dump()
         return UtteranceOutput(
             text=r.text,
             words=list(r.words),
             emotion=r.emotion,
             extra={"language": r.language, "timing_ms": r.timing_ms.model_dump()},
+            text_sentiment=sentiment,
         )
 
     async def transcribe_words(self, audio16k, key) -> list[str]:
