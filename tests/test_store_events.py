@@ -13,11 +13,19 @@ from datetime import datetime, timezone
 import pytest
 
 from app.store.alerts import AlertRule
-from app.store.events import Event, MemoryEventBus, RedisEventBus, SubscriptionDropped, TooManySubscribers
+from app.store.events import (
+    Event,
+    EventsUnavailable,
+    MemoryEventBus,
+    RedisEventBus,
+    SubscriptionDropped,
+    TooManySubscribers,
+)
 from app.store.publishing import PublishingStore
 from app.store.redis import RedisStore
 from app.store.sqlite import SQLiteStore
 from tests import test_store as base
+from tests.stream_support import free_port
 from tests.test_store import result, run, sid
 
 redis_url = base.redis_url  # the module-scoped redis-server fixture, reused
@@ -371,5 +379,56 @@ def test_event_json_roundtrip_for_redis(redis_url):
         assert got is not None and got.data == json.loads(json.dumps(data)) and got.tenant is None
         sub.close()
         await bus.close()
+
+    run(body())
+
+
+def test_redis_bus_without_redis_is_503_and_closes_promptly():
+    async def body():
+        bus = RedisEventBus(f"redis://127.0.0.1:{free_port()}/0", prefix="none:", block_s=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(EventsUnavailable) as exc:
+            await bus.subscribe(None)
+        assert exc.value.status == 503 and time.monotonic() - t0 < 15
+        assert bus.subscriber_count == 0
+        t0 = time.monotonic()
+        await bus.close()
+        assert time.monotonic() - t0 < 5
+
+    run(body())
+
+
+def test_redis_bus_close_with_a_busy_reader_is_bounded(redis_url):
+    async def body():
+        bus = RedisEventBus(redis_url, prefix=f"ev{next(_prefixes)}:", block_s=1.0)
+        sub = await bus.subscribe(None)
+        await bus.publish(ev("s", n=1))
+        assert await sub.get(3.0) is not None  # the reader is back in XREAD BLOCK right now
+        t0 = time.monotonic()
+        await bus.close()
+        assert time.monotonic() - t0 < 4 and bus._reader is not None and bus._reader.done()
+        with pytest.raises(SubscriptionDropped):
+            await sub.get(1.0)
+
+    run(body())
+
+
+def test_a_cancelled_reader_stops_even_when_its_event_arrives_at_that_moment():
+    """Python 3.11's wait_for returns the result and swallows the cancellation when both happen in
+    one loop turn; a stream's reader must stop (this kept event streams running after disconnect)."""
+
+    async def body():
+        bus = MemoryEventBus()
+        sub = await bus.subscribe("s")
+        reader = asyncio.ensure_future(sub.get(10.0))
+        await asyncio.sleep(0.01)  # blocked on the empty queue
+        sub.offer(ev("s", n=1))  # the event arrives ...
+        await asyncio.sleep(0)  # ... the queue's getter takes it ...
+        reader.cancel()  # ... and the reader is cancelled before it resumes
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        sub.close()
+        with pytest.raises(SubscriptionDropped):  # a closed subscription does not wait
+            await sub.get(10.0)
 
     run(body())

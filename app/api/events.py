@@ -234,6 +234,9 @@ class _SessionStream:
                 yield ended
         elif event.type == "created":
             self.ended_sent = False
+        elif event.type == "deleted":  # a session made again under this id numbers from 1
+            self.last = self.alert_floor = 0
+            self.ended_sent = False
 
 
 @router.get(
@@ -254,7 +257,7 @@ async def session_events(
     settings = request.app.state.settings
     sub = await bus.subscribe(session_id, queue_size=settings.sse_queue_size)  # before any read
     stream = _SessionStream(request, session_id, principal, sub, _resume_from(last_event_id, after), words)
-    return EventStreamResponse(stream(), send_timeout_s=settings.sse_send_timeout_s)
+    return EventStreamResponse(stream(), send_timeout_s=settings.sse_send_timeout_s, on_close=sub.close)
 
 
 def _list_message(event: Event, words: bool) -> ServerSentEvent:
@@ -308,4 +311,4 @@ async def list_events(
     stream = _list_stream(
         bus, sub, principal_of(request), last_event_id, words, float(settings.sse_keepalive_s)
     )
-    return EventStreamResponse(stream, send_timeout_s=settings.sse_send_timeout_s)
+    return EventStreamResponse(stream, send_timeout_s=settings.sse_send_timeout_s, on_close=sub.close)

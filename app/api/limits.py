@@ -88,6 +88,7 @@ _TIMEOUT_RESPONSE = (
 
 
 LONG_RESPONSE = "emotion.long_response"  # scope key of a long-lived response's control (app.api.sse)
+SERVER_SHUTDOWN = "emotion.server_shutdown"  # scope key set when the server shut down mid-request
 
 
 class LimitedH11Protocol(H11Protocol):
@@ -143,6 +144,10 @@ class LimitedH11Protocol(H11Protocol):
 
     def shutdown(self) -> None:
         control = self._long_response()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a long response that has not registered yet ends as soon as it does
+            scope: dict[str, Any] = self.cycle.scope  # type: ignore[assignment]  # uvicorn's TypedDict
+            scope[SERVER_SHUTDOWN] = True
         super().shutdown()
         if control is not None:
             control.server_shutdown()

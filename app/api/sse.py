@@ -15,6 +15,8 @@ Behaviour:
   ``: keep-alive``. Headers: ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no`` (nginx must
   not buffer the stream).
 * The iterator decides what to send and when (keep-alives included); the response only sends.
+  ``on_close`` runs when the response ends, whatever the reason: release what the route acquired
+  for the iterator there (an iterator that never started runs no ``finally``).
 * Client disconnect: a task waits for ``http.disconnect`` and then cancels the sender; the iterator is
   closed (``aclose``) either way, so its ``finally`` / ``async with`` blocks run. Nothing is logged
   above DEBUG for a client that goes away.
@@ -43,7 +45,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.api.limits import LONG_RESPONSE
+from app.api.limits import LONG_RESPONSE, SERVER_SHUTDOWN
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +101,48 @@ class EventStreamResponse(Response):
         send_timeout_s: float = 10.0,
         headers: dict[str, str] | None = None,
         status_code: int = 200,  # FastAPI reads the default for OpenAPI
+        on_close: Callable[[], None] | None = None,
     ):
         super().__init__(content=None, status_code=status_code, headers=headers, media_type=self.MEDIA_TYPE)
+        # no content-length (Starlette sets 0 for an empty body): the stream is open-ended
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.raw_headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         self.messages = messages
         self.send_timeout_s = send_timeout_s
+        # always called at the end, even when the iterator never started (its own finally would not run)
+        self.on_close = on_close
+        self._stopping = False
 
-    async def _send_bounded(self, send: Send, message: dict, timeout: float) -> None:
+    @staticmethod
+    async def _send_bounded(send: Send, message: dict, timeout: float) -> None:
+        # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation
+        task = asyncio.ensure_future(send(message))
         try:
-            await asyncio.wait_for(send(message), timeout)
-        except asyncio.TimeoutError:
-            raise ClientNotReading from None
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            raise ClientNotReading
+        task.result()
 
     async def _pump(self, send: Send) -> None:
         assert self.messages is not None
         async for item in self.messages:
+            if self._stopping:  # belt and braces: a cancellation lost in a library still stops us
+                return
             chunk = item if isinstance(item, bytes) else item.encode()
             await self._send_bounded(
                 send, {"type": "http.response.body", "body": chunk, "more_body": True}, self.send_timeout_s
             )
+
+    @staticmethod
+    async def _stop(task: asyncio.Future) -> None:
+        """Cancel ``task`` until it is done (a single cancel can be lost, see ``_send_bounded``)."""
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
 
     @staticmethod
     async def _until_disconnect(receive: Receive) -> None:
@@ -129,6 +154,8 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         control = LongResponse()
         scope[LONG_RESPONSE] = control
+        if scope.get(SERVER_SHUTDOWN):  # the server began shutting down while this request was routed
+            control.server_shutdown()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         pump = asyncio.ensure_future(self._pump(send))
         gone = asyncio.ensure_future(self._until_disconnect(receive))
@@ -147,22 +174,27 @@ class EventStreamResponse(Response):
                 else:
                     log.error("event stream failed", exc_info=exc)
         finally:
-            for task in (pump, closing):
-                task.cancel()
-            await asyncio.gather(pump, closing, return_exceptions=True)
+            self._stopping = True
+            await self._stop(pump)
+            await self._stop(closing)
             if self.messages is not None and hasattr(self.messages, "aclose"):
                 await self.messages.aclose()
-        if stalled and control.abort is not None:
-            control.abort()  # the protocol drops the connection; uvicorn sees a disconnect, not an error
-            await asyncio.wait({gone}, timeout=FINAL_SEND_TIMEOUT_S)
-        gone.cancel()
-        await asyncio.gather(gone, return_exceptions=True)
-        if not stalled:
+            if self.on_close is not None:
+                self.on_close()
+        if not stalled and not gone.done():
             try:  # finish the response (returns at once when the client is already gone)
                 await self._send_bounded(
                     send,
                     {"type": "http.response.body", "body": b"", "more_body": False},
                     FINAL_SEND_TIMEOUT_S,
                 )
-            except (ClientNotReading, OSError):
-                pass
+            except ClientNotReading:  # e.g. dropped for falling behind, and not reading either
+                stalled = True
+        if stalled:
+            if control.abort is not None:
+                control.abort()  # the protocol drops the connection: uvicorn sees a disconnect, not an error
+                await asyncio.wait({gone}, timeout=FINAL_SEND_TIMEOUT_S)
+            else:  # another server: returning unfinished makes it close the connection (and log it)
+                log.warning("event stream: cannot abort a connection that does not read on this server")
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)

@@ -85,6 +85,14 @@ class SubscriptionDropped(Exception):
     """The subscriber fell ``queue_size`` events behind (or the bus closed): it must reconnect."""
 
 
+class EventsUnavailable(Exception):
+    """The bus cannot reach Redis (``app.errors`` convention: 503)."""
+
+    status = 503
+    code = "store_unavailable"
+    retry_after: float | None = 5.0
+
+
 class TooManySubscribers(Exception):
     """``max_subscribers`` subscriptions are open in this process (``app.errors`` convention: 503)."""
 
@@ -138,12 +146,23 @@ class Subscription:
     async def get(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds without one; ``SubscriptionDropped``
         once dropped."""
-        if self.dropped and self._queue.empty():
-            raise SubscriptionDropped("the event subscription was dropped")
-        try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        if self.closed or (self.dropped and self._queue.empty()):
+            raise SubscriptionDropped("the event subscription was closed or dropped")
+        if not self._queue.empty():
+            item = self._queue.get_nowait()
+        else:
+            # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+            # arrives as the item does, and a stream's task would then not stop
+            getter = asyncio.ensure_future(self._queue.get())
+            try:
+                done, _ = await asyncio.wait({getter}, timeout=timeout)
+            except asyncio.CancelledError:
+                getter.cancel()  # an item it already took is dropped with the cancelled reader
+                raise
+            if not done:
+                getter.cancel()
+                return None
+            item = getter.result()
         if item is _DROPPED:
             raise SubscriptionDropped(f"fell more than {self.queue_size} events behind, or the bus closed")
         return cast(Event, item)
@@ -354,6 +373,9 @@ class RedisEventBus(_Fanout):
         sub = self._register(session_id, queue_size)
         try:
             await self._ensure_reader()
+        except Exception as exc:
+            sub.close()
+            raise EventsUnavailable(f"events are not available: {exc}") from exc
         except BaseException:
             sub.close()
             raise
@@ -412,21 +434,21 @@ class RedisEventBus(_Fanout):
         return [self._decode(eid, fields) for eid, fields in entries]
 
     async def close(self) -> None:
-        """Stop the reader (it is not cancelled mid-read: a task cancelled inside redis-py's blocking
-        read was seen to stay stuck; its socket is closed instead, which ends the read at once)."""
+        """Stop the reader and the connections; takes at most about ``block_s`` + 3 s.
+
+        The reader is not cancelled mid-read: a task cancelled inside redis-py's blocking read was
+        seen to stay stuck there. It sees ``closed`` when its ``XREAD BLOCK`` returns (``block_s``)
+        and ends; every step here is bounded, so a shutdown never hangs on Redis."""
         self.closed = True
         self._drop_all()
         reader = self._reader
         if reader is not None and not reader.done():
-            if self._own_clients:
-                await self._rb.connection_pool.disconnect()
             done, _ = await asyncio.wait({reader}, timeout=self.block_s + 1.0)
             if not done:
-                reader.cancel()
-                await asyncio.wait({reader}, timeout=1.0)
+                reader.cancel()  # not awaited (see above)
         if self._own_clients:
-            await self._w.aclose()
-            await self._rb.aclose()
+            for client in (self._w, self._rb):
+                await asyncio.wait({asyncio.ensure_future(client.aclose())}, timeout=1.0)
 
 
 EventBus = MemoryEventBus | RedisEventBus
@@ -448,6 +470,7 @@ __all__ = [
     "EVENT_TYPES",
     "Event",
     "EventBus",
+    "EventsUnavailable",
     "MemoryEventBus",
     "RedisEventBus",
     "Subscription",
