@@ -82,7 +82,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_utt_run(server):
     """One real-time stream of the two-utterance fixture, shared by several checks."""
-    return asyncio.run(stream_file(TWO_UTT, server.ws, realtime=True, session_id="two-utt", timeout_s=120))
+    return asyncio.run(
+        stream_file(TWO_UTT, server.ws, realtime=True, session_id="two-utt", timeout_s=120, words=True)
+    )
 
 
 def test_realtime_stream_partials_finals_and_end(two_utt_run):

@@ -139,7 +139,7 @@ def test_rest_whole_mode_keeps_the_channel_as_one_segment(server, rest_segments)
 def test_streamed_finals_match_rest_segments(server, recording, rest_segments):
     audio, _ = recording
     segments, _ = rest_segments
-    run = asyncio.run(stream_audio(audio, 16000, server.ws, realtime=False, timeout_s=180))
+    run = asyncio.run(stream_audio(audio, 16000, server.ws, realtime=False, timeout_s=180, words=True))
     finals = run.of_type("final")
     assert len(finals) == len(segments)
     for f, s in zip(finals, segments, strict=True):
