@@ -252,6 +252,11 @@ START = json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm_s16l
         (("{not json",), 1007, "invalid_payload"),
         ((json.dumps({"type": "start", "channels": 0}),), 1007, "invalid_payload"),
         ((json.dumps({"type": "start", "session_id": "bad id!"}),), 1007, "invalid_payload"),
+        (
+            (json.dumps({"type": "start", "channels": 1, "roles": ["agent", "customer"]}),),
+            1007,
+            "invalid_payload",
+        ),
         ((json.dumps({"type": "start", "models": ["nope"]}),), 1007, "unknown_model"),
         ((json.dumps({"type": "start", "encoding": "mulaw"}),), 1003, "unsupported_data"),
         ((json.dumps({"type": "start", "channels": 3}),), 1003, "unsupported_data"),

@@ -244,7 +244,7 @@ class SimClock:
         return self.now
 
 
-async def make_session(tmp_path, backend, channels=1, sample_rate=SR, **overrides):
+async def make_session(tmp_path, backend, channels=1, sample_rate=SR, start_fields=None, **overrides):
     settings = Settings(**{"stream_partial_every_s": 0.5, **overrides})
     store = SQLiteStore(tmp_path / "s.db")
     sent: list = []
@@ -253,7 +253,7 @@ async def make_session(tmp_path, backend, channels=1, sample_rate=SR, **override
         sent.append(msg)
 
     clock = SimClock()
-    start = StartMessage(type="start", sample_rate=sample_rate, channels=channels)
+    start = StartMessage(type="start", sample_rate=sample_rate, channels=channels, **(start_fields or {}))
     session = StreamSession(
         session_id="sess-1",
         start=start,
@@ -338,6 +338,58 @@ def test_session_stereo_channels_are_independent(tmp_path, two_utt):
         await store.close()
 
     asyncio.run(body())
+
+
+def test_roles_name_the_channels_and_finals_carry_words_only_when_asked(tmp_path, two_utt):
+    class SentimentBackend(FakeBackend):
+        async def analyze(self, *args, **kwargs):
+            out = await super().analyze(*args, **kwargs)
+            out.text_sentiment = {"label": "negative", "compound": -0.4, "source": "vader"}
+            return out
+
+    first, second = two_utt[: int(4.1 * SR)], two_utt[int(4.1 * SR) :]
+    n = max(len(first), len(second)) + SR
+    stereo = np.zeros((n, 2), np.float32)
+    stereo[: len(first), 0] = first
+    stereo[SR : SR + len(second), 1] = second
+
+    async def body(words: bool):
+        session, store, sent, clock = await make_session(
+            tmp_path / str(words),
+            SentimentBackend(),
+            channels=2,
+            start_fields={"roles": ["agent", "customer"], "words": words},
+        )
+        await feed_realtime(session, clock, frames(stereo))
+        await session.finish("stop")
+        finals = sorted((m for m in sent if isinstance(m, FinalMessage)), key=lambda f: f.channel)
+        stored = sorted(await store.results("sess-1"), key=lambda r: r["channel"])
+        view = await store.get_session("sess-1")
+        await store.close()
+        return finals, stored, view
+
+    finals, stored, view = asyncio.run(body(False))
+    assert [(f.channel, f.role) for f in finals] == [(0, "agent"), (1, "customer")]
+    assert all("words" not in f.model_dump(mode="json") and f.words is None for f in finals)
+    assert all(f.text_sentiment == {"label": "negative", "compound": -0.4, "source": "vader"} for f in finals)
+    assert [r["role"] for r in stored] == ["agent", "customer"] and all(r["words"] for r in stored)
+    assert all(r["text_sentiment"]["compound"] == -0.4 for r in stored)
+    assert view["roles"] == ["agent", "customer"]
+    finals, _, _ = asyncio.run(body(True))
+    assert all(f.words and f.model_dump(mode="json")["words"][0]["word"] == "w" for f in finals)
+
+
+def test_start_roles_are_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        StartMessage(type="start", channels=1, roles=["agent", "customer"])  # more roles than channels
+    with pytest.raises(ValidationError):
+        StartMessage(type="start", channels=2, roles=["agent", "not a name!"])
+    with pytest.raises(ValidationError):
+        StartMessage(type="start", channels=2, roles=["x" * 33])
+    assert StartMessage(type="start", channels=2, roles=["agent"]).roles == ["agent"]  # fewer is fine
+    assert StartMessage(type="start").words is False
 
 
 def test_session_backpressure_pauses_reading_and_drops_nothing(tmp_path, two_utt):
