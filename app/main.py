@@ -25,11 +25,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from app.api import errors as api_errors
+from app.api import events as api_events
 from app.api import health, jobs, limits, predict, sessions, stream
 from app.api import metrics as api_metrics
 from app.api import web as web_ui
 from app.api.api_info import DESCRIPTION, VERSION
-from app.api.auth import RateLimits, install_log_redaction, require_api_key
+from app.api.auth import RateLimits, install_log_redaction, require_api_key, require_api_key_or_query
 from app.api.openai_compat import router as openai_router
 from app.inference.admission import Admission
 from app.jobs.lifecycle import start_jobs, stop_jobs
@@ -37,6 +38,8 @@ from app.observability import RequestIdMiddleware, warn_unknown_env_vars
 from app.service import EmotionService
 from app.settings import Settings, get_settings
 from app.store import open_store
+from app.store.events import open_bus
+from app.store.publishing import with_events
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,9 @@ def create_app(
         opened = store is _UNSET
         warn_unknown_env_vars()  # EMOTION_* typos (environment and .env), with the closest setting name
         app.state.store = open_store(settings) if opened else store
+        # events (SSE, webhooks): the store publishes on a bus of its kind (app.store.events)
+        app.state.events = open_bus(settings, app.state.store) if app.state.store is not None else None
+        app.state.store = with_events(app.state.store, app.state.events)
         await _recover_sessions(app.state.store, settings)
         sweeper = asyncio.create_task(_sweep_sessions(app.state.store, settings), name="session-sweep")
         app.state.start_task = asyncio.create_task(_start_service(app, service), name="service-start")
@@ -106,6 +112,8 @@ def create_app(
             await asyncio.gather(sweeper, return_exceptions=True)
             await stop_jobs(app)  # before the service: running jobs go back to queued
             await service.stop()
+            if app.state.events is not None:
+                await app.state.events.close()
             if opened and app.state.store is not None:
                 await app.state.store.close()
 
@@ -121,6 +129,7 @@ def create_app(
     app.state.settings = settings
     app.state.service = service
     app.state.store = None if store is _UNSET else store
+    app.state.events = None  # the event bus, opened with the store (lifespan)
     app.state.start_error = None  # set when start-up fails: /healthz turns 503
     app.state.jobs = None  # app.jobs.lifecycle.Jobs while running
     app.state.rate_limits = RateLimits()  # auth-failure and per-key token buckets (this process)
@@ -151,4 +160,9 @@ def create_app(
     app.include_router(openai_router, dependencies=secured)  # errors in OpenAI's shape
     app.include_router(jobs.router, dependencies=secured, responses=api_errors.AUTH_RESPONSES)
     app.include_router(web_ui.router)  # web UI (/, /ui/...): open pages; their API calls carry the key
+    app.include_router(  # EventSource cannot send headers: ?api_key= too
+        api_events.router,
+        dependencies=[Depends(require_api_key_or_query)],
+        responses=api_errors.AUTH_RESPONSES,
+    )
     return app

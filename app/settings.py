@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.jobs.targets import WebhookTarget, check_names
+from app.store.alerts import AlertRule, check_unique
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,6 +213,24 @@ class Settings(BaseSettings):
         60.0, description="cap on the long-poll wait of /v1/sessions/{id}/results"
     )
 
+    # --- dashboard: alerts and server-sent events (app/store/alerts.py, app/store/events.py) ----
+    alert_rules: Annotated[list[AlertRule], NoDecode] = Field(
+        default_factory=list,
+        description='JSON list, e.g. [{"name":"angry_customer","role":"customer","label":"angry",'
+        '"min_score":0.6,"consecutive":2}]: evaluated on every stored result; alerts are stored and sent',
+    )
+    sse_keepalive_s: float = Field(15.0, gt=0, description="`: keep-alive` comment on an idle event stream")
+    sse_queue_size: int = Field(
+        256, ge=1, description="events buffered per SSE client; a client that falls further behind is closed"
+    )
+    sse_send_timeout_s: float = Field(
+        10.0, gt=0, description="an SSE client that does not read for this long is disconnected"
+    )
+    sse_max_clients: int = Field(1000, ge=1, description="event streams and session waits per process (503)")
+    events_history: int = Field(
+        1000, ge=10, description="recent events kept for /v1/events resumption (Redis stream MAXLEN ~)"
+    )
+
     # --- HTTP server limits (app/api/limits.py: uvicorn/h11 options and the body-read deadline) -----
     http_max_header_bytes: int = Field(
         32 * 1024, ge=1024, description="largest request line + headers; beyond -> 431 and close"
@@ -275,6 +294,18 @@ class Settings(BaseSettings):
                 for key in ([keys] if isinstance(keys, str) else keys)
             ]
         return value
+
+    @field_validator("alert_rules", mode="before")
+    @classmethod
+    def _json_rules(cls, value):
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else []
+        return value
+
+    @field_validator("alert_rules")
+    @classmethod
+    def _unique_rules(cls, value: list[AlertRule]) -> list[AlertRule]:
+        return check_unique(value)
 
 
 @lru_cache(maxsize=1)

@@ -76,7 +76,7 @@ async def compare(server: Server, path: Path) -> dict:
             server.base + "/v1/predict?words=true", files={"file": ("x.wav", buf.getvalue(), "audio/wav")}
         )
     rest = r.json().get("segments", []) if r.status_code == 200 else []
-    run = await stream_audio(audio, rate, server.ws, realtime=False, timeout_s=120)
+    run = await stream_audio(audio, rate, server.ws, realtime=False, timeout_s=120, words=True)
     finals = run.of_type("final")
     out = {"rest_status": r.status_code, "n_rest": len(rest), "n_stream": len(finals), "same_words": True}
     max_dp, max_dt = 0.0, 0.0

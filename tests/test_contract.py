@@ -77,7 +77,8 @@ def test_session_routes_declare_401_and_503(spec):
         if path.startswith("/v1/sessions")
         for method, op in item.items()
     ]
-    assert len(session_ops) == 4
+    # list, get, delete, results (long poll), summary, alerts, events (SSE)
+    assert len(session_ops) == 7
     for path, method, op in session_ops:
         for status in ("401", "503"):
             assert schema_ref(op, status) == ERROR_REF, (path, method, status)

@@ -82,7 +82,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_utt_run(server):
     """One real-time stream of the two-utterance fixture, shared by several checks."""
-    return asyncio.run(stream_file(TWO_UTT, server.ws, realtime=True, session_id="two-utt", timeout_s=120))
+    return asyncio.run(
+        stream_file(TWO_UTT, server.ws, realtime=True, session_id="two-utt", timeout_s=120, words=True)
+    )
 
 
 def test_realtime_stream_partials_finals_and_end(two_utt_run):
@@ -258,6 +260,11 @@ START = json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm_s16l
         (("{not json",), 1007, "invalid_payload"),
         ((json.dumps({"type": "start", "channels": 0}),), 1007, "invalid_payload"),
         ((json.dumps({"type": "start", "session_id": "bad id!"}),), 1007, "invalid_payload"),
+        (
+            (json.dumps({"type": "start", "channels": 1, "roles": ["agent", "customer"]}),),
+            1007,
+            "invalid_payload",
+        ),
         ((json.dumps({"type": "start", "models": ["nope"]}),), 1007, "unknown_model"),
         ((json.dumps({"type": "start", "encoding": "mulaw"}),), 1003, "unsupported_data"),
         ((json.dumps({"type": "start", "channels": 3}),), 1003, "unsupported_data"),

@@ -346,18 +346,11 @@ def test_session_stereo_channels_are_independent(tmp_path, two_utt):
     asyncio.run(body())
 
 
-class StartV2(StartMessage):
-    """The start message's ``roles`` and ``words`` (the session reads them when present)."""
-
-    roles: list[str] | None = None
-    words: bool = False
-
-
 def test_finals_have_shape_v2_words_only_when_asked(tmp_path, two_utt):
     async def body(start_fields: dict, db: str):
         backend = FakeBackend()
         session, store, sent, clock = await make_session(
-            tmp_path / db, backend, channels=2, start_cls=StartV2, start=start_fields
+            tmp_path / db, backend, channels=2, start=start_fields
         )
         stereo = np.stack([two_utt, np.zeros_like(two_utt)], axis=1)  # speech on the left only
         stereo[: len(two_utt) // 2, 1] = two_utt[: len(two_utt) // 2]  # and the first utterance right
@@ -379,6 +372,19 @@ def test_finals_have_shape_v2_words_only_when_asked(tmp_path, two_utt):
             assert r["words"] and r["words"][0]["confidence"] == 0.9  # the store keeps the words
             wire = f.model_dump(mode="json")
             assert ("words" in wire) == bool(fields) and wire["emotion"]["ranking"][0]["label"] == "neutral"
+
+
+def test_start_roles_are_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        StartMessage(type="start", channels=1, roles=["agent", "customer"])  # more roles than channels
+    with pytest.raises(ValidationError):
+        StartMessage(type="start", channels=2, roles=["agent", "not a name!"])
+    with pytest.raises(ValidationError):
+        StartMessage(type="start", channels=2, roles=["x" * 33])
+    assert StartMessage(type="start", channels=2, roles=["agent"]).roles == ["agent"]  # fewer is fine
+    assert StartMessage(type="start").words is False
 
 
 def test_session_backpressure_pauses_reading_and_drops_nothing(tmp_path, two_utt):

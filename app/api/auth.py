@@ -1,7 +1,8 @@
 """API keys, tenants, origin check and rate limits for the /v1 routes and /predict.
 
-Keys: ``Authorization: Bearer <key>``; WebSocket clients, which browsers cannot give an
-Authorization header, may pass ``?api_key=<key>`` instead (masked in the server logs by
+Keys: ``Authorization: Bearer <key>``; WebSocket clients and server-sent event streams
+(``EventSource``), which browsers cannot give an Authorization header, may pass ``?api_key=<key>``
+instead (the event routes use ``require_api_key_or_query``) (masked in the server logs by
 ``RedactSecrets``). With no key configured (``EMOTION_API_KEYS`` and ``EMOTION_ADMIN_KEYS`` empty)
 the routes are open and every caller is an admin.
 
@@ -157,7 +158,8 @@ def check_origin(conn: HTTPConnection) -> None:
     raise ForbiddenOriginError(f"origin {origin[:100]!r} is not allowed (EMOTION_CORS_ORIGINS)")
 
 
-def check_api_key(conn: HTTPConnection) -> Principal:
+def check_api_key(conn: HTTPConnection, allow_query: bool = False) -> Principal:
+    """The caller; ``?api_key=`` counts for WebSockets and, with ``allow_query``, for HTTP too."""
     settings = conn.app.state.settings
     if not settings.api_keys and not settings.admin_keys:
         return OPEN
@@ -173,7 +175,7 @@ def check_api_key(conn: HTTPConnection) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         candidate = token.strip()
-    elif conn.scope["type"] == "websocket" and conn.query_params.get("api_key"):
+    elif (conn.scope["type"] == "websocket" or allow_query) and conn.query_params.get("api_key"):
         candidate = conn.query_params["api_key"]
     else:
         raise UnauthorizedError("missing API key: send Authorization: Bearer <key>")
@@ -199,6 +201,12 @@ async def require_api_key(conn: HTTPConnection) -> None:
     """FastAPI dependency (HTTP routes): origin check, then the key; the caller goes in ``state``."""
     check_origin(conn)
     conn.state.principal = check_api_key(conn)
+
+
+async def require_api_key_or_query(conn: HTTPConnection) -> None:
+    """``require_api_key`` that also takes ``?api_key=`` (server-sent events: EventSource sets no headers)."""
+    check_origin(conn)
+    conn.state.principal = check_api_key(conn, allow_query=True)
 
 
 # --- secrets in the server's logs ----------------------------------------------------------------

@@ -10,6 +10,10 @@ a request whose ``Content-Length`` is larger than its body waits forever for the
 * ``BodyDeadlineMiddleware`` (ASGI, in ``create_app``, so it applies under any server): the whole
   body must arrive within ``body_read_timeout_s`` of the first read, else ``408 request_timeout``
   (JSON ``{error, detail}``, ``Connection: close``);
+* long-lived responses (server-sent events, ``app.api.sse``) register a control object in their
+  scope under ``LONG_RESPONSE``: the protocol calls its ``server_shutdown()`` when the server shuts
+  down (uvicorn would otherwise wait for the stream to end, which it never does by itself) and gives
+  it ``abort`` (drop the connection) when writing pauses, for a client that stops reading;
 * ``server_options(settings)``: the uvicorn options (``cli serve`` and the tests use them): the
   protocol above, the header cap, ``timeout_keep_alive`` (idle keep-alive connections) and
   ``limit_concurrency`` (503 beyond).
@@ -83,8 +87,13 @@ _TIMEOUT_RESPONSE = (
 )
 
 
+LONG_RESPONSE = "emotion.long_response"  # scope key of a long-lived response's control (app.api.sse)
+SERVER_SHUTDOWN = "emotion.server_shutdown"  # scope key set when the server shut down mid-request
+
+
 class LimitedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on reading each request's headers."""
+    """uvicorn's h11 protocol with a deadline on reading each request's headers, and the hooks of
+    long-lived responses (``LONG_RESPONSE``)."""
 
     header_timeout_s: float = 10.0  # set by ``server_options`` on a subclass
 
@@ -126,6 +135,28 @@ class LimitedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)
+
+    def _long_response(self) -> Any:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return None
+        return cycle.scope.get(LONG_RESPONSE)
+
+    def shutdown(self) -> None:
+        control = self._long_response()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a long response that has not registered yet ends as soon as it does
+            scope: dict[str, Any] = self.cycle.scope  # type: ignore[assignment]  # uvicorn's TypedDict
+            scope[SERVER_SHUTDOWN] = True
+        super().shutdown()
+        if control is not None:
+            control.server_shutdown()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        control = self._long_response()
+        if control is not None:
+            control.abort = self.transport.abort
 
 
 def server_options(settings) -> dict[str, Any]:

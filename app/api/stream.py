@@ -5,10 +5,12 @@ Protocol (JSON text messages, each with a ``type``; audio in binary messages)::
     client                                   server
     {"type":"start", sample_rate, encoding,  -> {"type":"ready", session_id, settings,
      channels, models?, session_id?,              resume_offset_s, last_seq, ...}
-     metadata?, partials?, audio_offset_s?}
+     metadata?, partials?, audio_offset_s?,
+     roles?, words?}
     <binary audio frame> ...                 -> {"type":"partial", channel, utterance, confirmed, unconfirmed}
-                                             -> {"type":"final", seq, channel, start, end, text, words,
-                                                 emotion, latency_ms, reason}
+                                             -> {"type":"final", seq, channel, role, start, end, text,
+                                                 words (only with words=true), emotion,
+                                                 text_sentiment, latency_ms, reason}
                                              -> {"type":"interim", channel, emotion}   (if enabled)
                                              -> {"type":"warning", code, detail}
     {"type":"ping", id?}                     -> {"type":"pong", id}
@@ -17,6 +19,11 @@ Protocol (JSON text messages, each with a ``type``; audio in binary messages)::
 * ``encoding``: ``pcm_s16le`` or ``f32le``, channels interleaved; any ``sample_rate`` within the
   server's limits (resampled to 16 kHz). Stereo calls: left = agent (channel 0), right =
   customer (channel 1); each channel is segmented on its own and every result names its channel.
+* ``roles``: a name per channel (``["agent", "customer"]``; at most ``channels`` names of 1-32
+  characters ``[A-Za-z0-9_.-]``): every ``final`` and stored result carries its channel's ``role``
+  and the session keeps them (per-role summary, alert rules by role). A bad list closes 1007.
+* ``words`` (default false): finals carry ``words`` (timings, confidences) only when true; the
+  session store keeps them either way (``GET /v1/sessions/{id}/results?words=true``).
 * Binary frames of any length up to ``max_frame_bytes`` (20-100 ms is typical; a frame need not
   end on a sample boundary).
 * ``partial``: per channel and utterance; ``confirmed`` only ever grows within an utterance
@@ -165,7 +172,7 @@ def close_reason(error: str, detail: str) -> str:
 class _NoStore:
     """Stands in when the server has no session store: results are sent, not kept."""
 
-    async def open_session(self, session_id, metadata=None, source="stream"):
+    async def open_session(self, session_id, metadata=None, source="stream", roles=None):
         return {}
 
     async def append_result(self, session_id, result):
@@ -384,8 +391,8 @@ class _TenantStore:
     def __getattr__(self, name: str):
         return getattr(self._store, name)
 
-    async def open_session(self, session_id, metadata=None, source="stream"):
-        return await self._store.open_session(session_id, metadata, source=source, **self._owner)
+    async def open_session(self, session_id, metadata=None, source="stream", **kwargs):
+        return await self._store.open_session(session_id, metadata, source=source, **self._owner, **kwargs)
 
 
 async def _check_session(store, session_id: str, principal: Principal, start: StartMessage, settings) -> None:

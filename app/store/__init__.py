@@ -8,7 +8,7 @@ shutdown.
 from __future__ import annotations
 
 from app.store.base import SessionStore
-from app.store.common import MetadataTooLarge, SessionNotFound, StoreBusy
+from app.store.common import Appended, MetadataTooLarge, SessionNotFound, StoreBusy
 
 
 def open_store(settings=None) -> SessionStore:
@@ -20,7 +20,10 @@ def open_store(settings=None) -> SessionStore:
         from app.store.sqlite import SQLiteStore
 
         return SQLiteStore(
-            s.sqlite_path, ended_ttl_s=s.store_ended_ttl_s, max_metadata_bytes=s.store_max_metadata_bytes
+            s.sqlite_path,
+            ended_ttl_s=s.store_ended_ttl_s,
+            max_metadata_bytes=s.store_max_metadata_bytes,
+            alert_rules=s.alert_rules,
         )
     if kind == "redis":
         from app.store.redis import RedisStore
@@ -33,8 +36,9 @@ def open_store(settings=None) -> SessionStore:
             max_long_polls=s.redis_max_long_polls,
             max_block_s=s.sessions_max_wait_s,
             max_metadata_bytes=s.store_max_metadata_bytes,
+            alert_rules=s.alert_rules,
         )
     raise ValueError(f"unknown session store {s.store!r}: expected sqlite or redis")
 
 
-__all__ = ["MetadataTooLarge", "SessionNotFound", "SessionStore", "StoreBusy", "open_store"]
+__all__ = ["Appended", "MetadataTooLarge", "SessionNotFound", "SessionStore", "StoreBusy", "open_store"]

@@ -5,7 +5,7 @@ public dict with ``session_view`` so that both backends answer byte-for-byte the
 
 ``id, state, source, created_at, updated_at, ended_at, duration_s, audio_duration_s, metadata,
 channels, result_count, last_seq, emotion {n, label, counts, mean_probabilities}, last_result,
-tenant, end_reason``.
+tenant, end_reason, created_at_ts, updated_at_ts, ended_at_ts, roles, alert_count, summary``.
 
 Lifecycle: a stream session ends when its stream does; a REST session (``/v1/predict?session_id=``)
 is ended by ``sweep`` after ``rest_idle_s`` without a new result (reason ``idle``); a stream
@@ -14,8 +14,17 @@ stream session still active when a server starts) is ended with reason ``server_
 sessions are forgotten ``ended_ttl_s`` after their end. Metadata is merged shallowly on re-open
 and capped (``MAX_METADATA_BYTES`` by default): a merge beyond it raises ``MetadataTooLarge``.
 
-Times are Unix seconds (float). ``duration_s`` is wall time from creation to the end (or to now
-while active); ``audio_duration_s`` is the largest result ``end`` seen (audio time).
+Times: ``created_at``, ``updated_at``, ``ended_at`` are ISO-8601 UTC strings with milliseconds
+(``2026-12-02T04:01:02.123Z``); the Unix seconds (float) they come from stay under ``*_ts`` for older
+clients. ``duration_s`` is wall time from creation to the end (or to now while active);
+``audio_duration_s`` is the largest result ``end`` seen (audio time). ``summary`` is None here: the
+API fills it in where it reads the results (``app.store.summary``).
+
+Roles: a session may carry ``roles`` (index = channel, e.g. ``["agent", "customer"]``); an appended
+result without a ``role`` gets ``roles[channel]`` (None beyond the list), and every stored result
+gets ``received_at`` (ISO-8601 UTC): ``stored_body``. Alerts (``app.store.alerts``) fired by a result
+are stored with the session in the same transaction as the result: ``Appended`` is what an append
+produced.
 """
 
 from __future__ import annotations
@@ -24,14 +33,23 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 ACTIVE = "active"
 ENDED = "ended"
 STATES = (ACTIVE, ENDED)
 SOURCES = ("stream", "rest")
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds -> ISO-8601 UTC with milliseconds and a ``Z`` (None stays None)."""
+    if ts is None:
+        return None
+    text = datetime.fromtimestamp(float(ts), tz=timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
 
 
 class SessionNotFound(KeyError):
@@ -131,6 +149,8 @@ class RawSession:
     tenant: str | None = None  # owner (API-key tenant); None = admin / no auth / before tenants
     end_reason: str | None = None  # why it ended when the server ended it (idle, server_restart)
     heartbeat_at: float | None = None  # last sign of life of its live stream
+    roles: list[str] | None = None  # index = channel (``start.roles`` / ``?roles=``)
+    alert_count: int = 0  # alerts stored with the session
 
 
 def session_view(raw: RawSession, now: float | None = None) -> dict[str, Any]:
@@ -141,9 +161,9 @@ def session_view(raw: RawSession, now: float | None = None) -> dict[str, Any]:
         "id": raw.id,
         "state": raw.state,
         "source": raw.source,
-        "created_at": raw.created_at,
-        "updated_at": raw.updated_at,
-        "ended_at": raw.ended_at,
+        "created_at": iso(raw.created_at),
+        "updated_at": iso(raw.updated_at),
+        "ended_at": iso(raw.ended_at),
         "duration_s": round(max(0.0, end - raw.created_at), 3),
         "audio_duration_s": round(raw.audio_end, 3),
         "metadata": raw.metadata,
@@ -159,6 +179,12 @@ def session_view(raw: RawSession, now: float | None = None) -> dict[str, Any]:
         "last_result": raw.last_result,
         "tenant": raw.tenant,
         "end_reason": raw.end_reason,
+        "created_at_ts": raw.created_at,
+        "updated_at_ts": raw.updated_at,
+        "ended_at_ts": raw.ended_at,
+        "roles": raw.roles,
+        "alert_count": raw.alert_count,
+        "summary": None,
     }
 
 
@@ -166,6 +192,39 @@ def stamp(result: Mapping[str, Any], session_id: str, seq: int) -> dict[str, Any
     """The stored form of a result: the caller's fields plus its session id and sequence number."""
     out = {k: v for k, v in result.items() if k not in ("seq", "session_id")}
     return {"seq": seq, "session_id": session_id, **out}
+
+
+def role_of(roles: Sequence[str] | None, channel: int) -> str | None:
+    return roles[channel] if roles and 0 <= channel < len(roles) else None
+
+
+def stored_body(result: Mapping[str, Any], roles: Sequence[str] | None, now: float) -> dict[str, Any]:
+    """What a backend stores for an appended result (without ``seq``/``session_id``): the caller's
+    fields, ``role`` from the session's roles when the result names none, and ``received_at``."""
+    body = {k: v for k, v in result.items() if k not in ("seq", "session_id")}
+    if not body.get("role"):
+        body["role"] = role_of(roles, int(body.get("channel", 0) or 0))
+    body["received_at"] = iso(now)
+    return body
+
+
+def dump_roles(roles: Sequence[str] | None) -> str | None:
+    return json.dumps(list(roles)) if roles is not None else None
+
+
+def load_roles(text: str | None) -> list[str] | None:
+    return [str(r) for r in json.loads(text)] if text else None
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What ``append`` stored: the result's number, its stored form, the alerts it fired and the
+    session's owner (so that events can be scoped to the tenant without another read)."""
+
+    seq: int
+    result: dict[str, Any]
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    tenant: str | None = None
 
 
 class Waiters:

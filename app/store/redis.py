@@ -5,8 +5,10 @@ Keys (``P`` = ``settings.redis_prefix``, default ``emotion:``)::
     P session{<id>}          hash   id state source created_at updated_at ended_at metadata(json)
                                     last_seq result_count audio_end emo_n last_result(json)
                                     tenant end_reason heartbeat_at (absent in older hashes)
+                                    roles(json) alert_state(json) alert_count
                                     ch:<n>=1  count:<label>=int  psum:<label>=float
     P session{<id>}:results  stream one entry per result, entry id "<seq>-0", field r = result json
+    P session{<id>}:alerts   list   one alert json per fired rule, in order (expires with the session)
     P session{<id>}:events   stream "ended" / "deleted" markers that wake long polls
     P sessions               zset   session id scored by updated_at (listing, newest first)
     P sessions:tenant{<t>}   zset   the same for the sessions of tenant <t> only (a tenant's
@@ -32,6 +34,13 @@ Sequence numbers: a Lua script (atomic on the server) increments ``last_seq`` in
 XADDs the result with the entry id ``<seq>-0`` together with the aggregate updates, so replicas
 appending to one session concurrently get unique, gap-free, ordered numbers. Results are stored
 without ``seq``/``session_id``; both are added back from the entry id on read.
+
+Results carry ``role`` and ``received_at`` (``app.store.common.stored_body``). With alert rules, an
+append is an optimistic transaction: ``WATCH`` the hash, read ``last_seq``/``roles``/``alert_state``,
+evaluate the rules (``app.store.alerts.step``), then ``MULTI`` (the append script, the new state, the
+fired alerts) ``EXEC``, retried when another writer (an append, a heartbeat) touched the hash in
+between; so an alert is stored exactly when its result is, as in SQLite. Without rules an append is
+one ``HGET roles`` and the script.
 
 Long poll: ``XREAD BLOCK`` on the results stream and the events stream at once, so an append by any
 replica, or the end/deletion of the session, wakes every waiter within a round trip.
@@ -70,21 +79,27 @@ from redis.asyncio.connection import BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, WatchError
 
+from app.store.alerts import AlertRule, step
 from app.store.common import (
     ACTIVE,
     END_IDLE,
     END_RESTART,
     ENDED,
     MAX_METADATA_BYTES,
+    Appended,
     RawSession,
     ResultStats,
     SessionNotFound,
     StoreBusy,
     check_source,
     check_state,
+    dump_roles,
+    iso,
+    load_roles,
     merged_metadata,
     session_view,
     stamp,
+    stored_body,
 )
 from app.store.lease import RedisLeases
 
@@ -248,10 +263,14 @@ class RedisStore:
         max_block_s: float = 60.0,
         pool_timeout_s: float = 10.0,
         max_metadata_bytes: int = MAX_METADATA_BYTES,
+        alert_rules: list[AlertRule] | None = None,
     ):
         import redis.asyncio as aioredis
         from redis.asyncio.connection import ConnectionPool, parse_url
 
+        self.url = url
+        self.alert_rules = list(alert_rules or [])
+        self.injected_client = client  # the event bus (app.store.events) uses it too when set
         self.prefix = prefix
         self.ended_ttl_s = ended_ttl_s
         self.max_metadata_bytes = max_metadata_bytes
@@ -366,6 +385,8 @@ class RedisStore:
             tenant=h.get("tenant") or None,
             end_reason=h.get("end_reason") or None,
             heartbeat_at=_num(h["heartbeat_at"]) if h.get("heartbeat_at") else None,
+            roles=load_roles(h.get("roles")),
+            alert_count=int(h.get("alert_count", 0) or 0),
         )
 
     # --- SessionStore ----------------------------------------------------------------------------
@@ -376,8 +397,9 @@ class RedisStore:
         metadata: dict[str, Any] | None = None,
         source: str = "stream",
         tenant: str | None = None,
+        roles: list[str] | None = None,
     ) -> dict:
-        """Create or re-open (see ``SQLiteStore.open_session``: tenant check, metadata cap)."""
+        """Create or re-open (see ``SQLiteStore.open_session``: tenant check, metadata cap, roles)."""
         check_source(source)
         keys = self._keys(session_id)
         cap = self.max_metadata_bytes
@@ -390,6 +412,9 @@ class RedisStore:
         )
         if created < 0:
             raise SessionNotFound(session_id)
+        await self._r.persist(self._alerts_key(session_id))  # it expires with the session only
+        if roles is not None:
+            await self._r.hset(keys[0], "roles", dump_roles(roles) or "")
         if not created and metadata:
             # Shallow merge of new metadata keys on re-open; optimistic transaction (WATCH) so a
             # concurrent re-open cannot lose keys.
@@ -406,20 +431,39 @@ class RedisStore:
                         continue
         return session_view(self._raw(cast(_Hash, await self._r.hgetall(keys[0]))))
 
-    async def close_session(self, session_id: str, reason: str | None = None) -> None:
-        await self._close(
-            keys=self._keys(session_id),
-            args=[repr(time.time()), session_id, int(self.ended_ttl_s), reason or ""],
+    async def close_session(self, session_id: str, reason: str | None = None) -> bool:
+        """End an active session; True when this call ended it."""
+        ended = int(
+            await self._close(
+                keys=self._keys(session_id),
+                args=[repr(time.time()), session_id, int(self.ended_ttl_s), reason or ""],
+            )
         )
+        if ended:
+            await self._expire_alerts(session_id)
+        return bool(ended)
+
+    def _alerts_key(self, session_id: str) -> str:
+        return self._keys(session_id)[0] + ":alerts"
+
+    async def _expire_alerts(self, session_id: str) -> None:
+        """The alerts list expires with its ended session (the close script sets the others' TTL)."""
+        if int(self.ended_ttl_s) > 0:
+            await self._r.expire(self._alerts_key(session_id), int(self.ended_ttl_s))
 
     async def heartbeat(self, session_id: str) -> None:
         await self._heartbeat(keys=self._keys(session_id)[:1], args=[repr(time.time())])
 
     async def sweep(self, rest_idle_s: float = 900.0, stream_stale_s: float = 90.0) -> int:
         """End idle REST sessions and stream sessions of dead replicas (see the module docstring)."""
+        return len(await self.sweep_ended(rest_idle_s, stream_stale_s))
+
+    async def sweep_ended(self, rest_idle_s: float = 900.0, stream_stale_s: float = 90.0) -> list[str]:
+        """``sweep``, returning the ids of the sessions it ended."""
         index = self.prefix + "sessions"
         now = time.time()
-        ended, start, page = 0, 0, 500
+        ended: list[str] = []
+        start, page = 0, 500
         while True:
             ids = cast(list[str], await self._r.zrange(index, start, start + page - 1))
             if not ids:
@@ -439,18 +483,27 @@ class RedisStore:
                 if limit_s <= 0 or seen >= now - limit_s:
                     continue
                 args = [repr(now), sid, int(self.ended_ttl_s), reason, repr(now - limit_s)]
-                ended += int(await self._close(keys=self._keys(sid), args=args))
+                if int(await self._close(keys=self._keys(sid), args=args)):
+                    await self._expire_alerts(sid)
+                    ended.append(sid)
 
     async def recover(self, stream_stale_s: float = 90.0) -> int:
         """At start-up: end the stream sessions of replicas that died (no heartbeat for
         ``stream_stale_s``); live streams of other replicas keep their heartbeat fresh."""
-        return await self.sweep(rest_idle_s=0.0, stream_stale_s=stream_stale_s)
+        return len(await self.recover_ended(stream_stale_s))
+
+    async def recover_ended(self, stream_stale_s: float = 90.0) -> list[str]:
+        """``recover``, returning the ids of the sessions it ended."""
+        return await self.sweep_ended(rest_idle_s=0.0, stream_stale_s=stream_stale_s)
 
     async def append_result(self, session_id: str, result: dict[str, Any]) -> int:
-        stats = ResultStats.of(result)
-        body = {k: v for k, v in result.items() if k not in ("seq", "session_id")}
+        return (await self.append(session_id, result)).seq
+
+    @staticmethod
+    def _append_args(session_id: str, body: dict[str, Any], now: float) -> list[Any]:
+        stats = ResultStats.of(body)
         args: list[Any] = [
-            repr(time.time()),
+            repr(now),
             json.dumps(body),
             stats.channel,
             repr(stats.end),
@@ -460,10 +513,63 @@ class RedisStore:
         if stats.label is not None:
             for k, p in stats.probabilities.items():
                 args += [k, repr(float(p))]
-        seq = int(await self._append(keys=self._keys(session_id), args=args))
+        return args
+
+    async def append(self, session_id: str, result: dict[str, Any]) -> Appended:
+        """``append_result`` returning the stored result and the alerts it fired (``Appended``)."""
+        if self.alert_rules:
+            return await self._append_with_alerts(session_id, result)
+        keys = self._keys(session_id)
+        roles_text, tenant = cast(list[str | None], await self._r.hmget(keys[0], ["roles", "tenant"]))
+        now = time.time()
+        body = stored_body(result, load_roles(roles_text), now)
+        seq = int(await self._append(keys=keys, args=self._append_args(session_id, body, now)))
         if seq < 0:
             raise SessionNotFound(session_id)
-        return seq
+        return Appended(seq=seq, result=stamp(body, session_id, seq), tenant=tenant or None)
+
+    async def _append_with_alerts(self, session_id: str, result: dict[str, Any]) -> Appended:
+        keys = self._keys(session_id)
+        alerts_key = self._alerts_key(session_id)
+        async with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(keys[0])
+                    fields = ["id", "last_seq", "roles", "alert_state", "tenant"]
+                    sid, last_seq, roles_text, state_text, tenant = await pipe.hmget(keys[0], fields)
+                    if sid is None:
+                        await pipe.reset()
+                        if await self._adopt(session_id):
+                            continue  # an old-layout session, renamed: read it again
+                        raise SessionNotFound(session_id)
+                    now = time.time()
+                    seq = int(last_seq or 0) + 1
+                    body = stored_body(result, load_roles(roles_text), now)
+                    stored = stamp(body, session_id, seq)
+                    state = json.loads(state_text) if state_text else {}
+                    new_state, alerts = step(self.alert_rules, state, stored, session_id, iso(now) or "")
+                    pipe.multi()
+                    await self._append(keys=keys, args=self._append_args(session_id, body, now), client=pipe)
+                    if new_state != state:
+                        pipe.hset(keys[0], "alert_state", json.dumps(new_state))
+                    if alerts:
+                        pipe.rpush(alerts_key, *[json.dumps(a) for a in alerts])
+                        pipe.hincrby(keys[0], "alert_count", len(alerts))
+                    replies = await pipe.execute()
+                    break
+                except WatchError:  # another writer touched the session: evaluate again
+                    continue
+        if (
+            int(replies[0]) != seq
+        ):  # cannot happen while the hash is watched; never store a wrong seq silently
+            raise RuntimeError(f"session {session_id}: appended as {replies[0]}, expected {seq}")
+        return Appended(seq=seq, result=stored, alerts=alerts, tenant=tenant or None)
+
+    async def alerts(self, session_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
+        """Alerts of the session whose result ``seq > after``, in order (empty for unknown ids)."""
+        raw = cast(list[str], await self._r.lrange(self._alerts_key(session_id), 0, -1))
+        out = [a for a in (json.loads(x) for x in raw) if int(a.get("seq", 0)) > int(after)]
+        return out[: max(1, int(limit))]
 
     async def ping(self) -> None:
         """Cheap health check (``/readyz``): PING on the command pool."""
@@ -561,6 +667,7 @@ class RedisStore:
         ]
 
     async def delete_session(self, session_id: str) -> bool:
+        await self._r.delete(self._alerts_key(session_id))
         return bool(await self._delete(keys=self._keys(session_id), args=[session_id]))
 
     async def close(self) -> None:

@@ -1,18 +1,23 @@
 """SQLite session store: the embedded default. One file, WAL journal, survives restarts.
 
-Schema (``user_version`` 2; a version-1 file gets the three new columns, NULL, on open)::
+Schema (``user_version`` 3; older files get the added columns, NULL / 0, and the alerts table on open)::
 
     sessions(id TEXT PRIMARY KEY, state TEXT, source TEXT, created_at REAL, updated_at REAL,
              ended_at REAL NULL, metadata TEXT json, channels TEXT json list, result_count INT,
              last_seq INT, audio_end REAL, emo_n INT, emo_counts TEXT json, emo_psum TEXT json,
              last_result TEXT json NULL, tenant TEXT NULL, end_reason TEXT NULL,
-             heartbeat_at REAL NULL)
+             heartbeat_at REAL NULL, roles TEXT json NULL, alert_state TEXT json NULL,
+             alert_count INT)
     results(session_id TEXT, seq INT, created_at REAL, channel INT, data TEXT json,
             PRIMARY KEY (session_id, seq)) WITHOUT ROWID
+    alerts(session_id TEXT, seq INT, rule TEXT, created_at REAL, data TEXT json,
+           PRIMARY KEY (session_id, seq, rule)) WITHOUT ROWID
 
 Sequence numbers: ``append_result`` runs ``BEGIN IMMEDIATE`` (the write lock of the whole file),
 increments ``sessions.last_seq`` and inserts the result in the same transaction, so numbers are
-gap-free and unique even when several processes share the file.
+gap-free and unique even when several processes share the file. The alert rules are evaluated in
+that transaction too (``app.store.alerts.step`` on the stored ``alert_state``), so an alert is stored
+exactly when its result is.
 
 Thread-safety: every SQLite call runs on one dedicated thread that owns the only connection (a
 single-worker executor), so the connection is never shared across threads; the async methods may
@@ -31,21 +36,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from app.store.alerts import AlertRule, step
 from app.store.common import (
     ACTIVE,
     END_IDLE,
     END_RESTART,
     ENDED,
     MAX_METADATA_BYTES,
+    Appended,
     RawSession,
     ResultStats,
     SessionNotFound,
     Waiters,
     check_source,
     check_state,
+    dump_roles,
+    iso,
+    load_roles,
     merged_metadata,
     session_view,
     stamp,
+    stored_body,
 )
 
 SCHEMA = """
@@ -83,10 +94,28 @@ _SCHEMA_2 = """
 CREATE INDEX IF NOT EXISTS sessions_by_tenant ON sessions (tenant, updated_at DESC);
 PRAGMA user_version = 2;
 """
+# Version 3: roles, alert state and count per session; alerts stored with their session.
+_ADDED_COLUMNS_3 = (
+    ("roles", "TEXT"),
+    ("alert_state", "TEXT"),
+    ("alert_count", "INTEGER NOT NULL DEFAULT 0"),
+)
+_SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS alerts (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq, rule)
+) WITHOUT ROWID;
+PRAGMA user_version = 3;
+"""
 
 _COLUMNS = (
     "id, state, source, created_at, updated_at, ended_at, metadata, channels, result_count, last_seq, "
-    "audio_end, emo_n, emo_counts, emo_psum, last_result, tenant, end_reason, heartbeat_at"
+    "audio_end, emo_n, emo_counts, emo_psum, last_result, tenant, end_reason, heartbeat_at, roles, "
+    "alert_count"
 )
 
 
@@ -110,6 +139,8 @@ def _raw(row: tuple) -> RawSession:
         tenant=row[15],
         end_reason=row[16],
         heartbeat_at=row[17],
+        roles=load_roles(row[18]),
+        alert_count=row[19] or 0,
     )
 
 
@@ -122,8 +153,10 @@ class SQLiteStore:
         ended_ttl_s: float = 7 * 86400.0,
         poll_interval_s: float = 1.0,
         max_metadata_bytes: int = MAX_METADATA_BYTES,
+        alert_rules: list[AlertRule] | None = None,
     ):
         self.path = str(path)
+        self.alert_rules = list(alert_rules or [])
         self.ended_ttl_s = ended_ttl_s
         self.max_metadata_bytes = max_metadata_bytes
         self.poll_interval_s = poll_interval_s
@@ -153,10 +186,11 @@ class SQLiteStore:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(SCHEMA)
             have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
-            for name, kind in _ADDED_COLUMNS:
+            for name, kind in _ADDED_COLUMNS + _ADDED_COLUMNS_3:
                 if name not in have:
                     conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
             conn.executescript(_SCHEMA_2)
+            conn.executescript(_SCHEMA_3)
             self._conn = conn
         return self._conn
 
@@ -182,11 +216,12 @@ class SQLiteStore:
             return
         self._last_prune = now
         cutoff = now - self.ended_ttl_s
-        conn.execute(
-            "DELETE FROM results WHERE session_id IN "
-            "(SELECT id FROM sessions WHERE state = ? AND updated_at < ?)",
-            (ENDED, cutoff),
-        )
+        for table in ("results", "alerts"):
+            conn.execute(
+                f"DELETE FROM {table} WHERE session_id IN "
+                "(SELECT id FROM sessions WHERE state = ? AND updated_at < ?)",
+                (ENDED, cutoff),
+            )
         conn.execute("DELETE FROM sessions WHERE state = ? AND updated_at < ?", (ENDED, cutoff))
 
     # --- SessionStore ------------------------------------------------------------------------
@@ -197,11 +232,13 @@ class SQLiteStore:
         metadata: dict[str, Any] | None = None,
         source: str = "stream",
         tenant: str | None = None,
+        roles: list[str] | None = None,
     ) -> dict:
         """Create the session, or re-open an existing one (state back to active, metadata merged).
 
         ``tenant``: the owner recorded on creation; re-opening a session of another tenant raises
         ``SessionNotFound`` (None: no check, as for admins). ``MetadataTooLarge`` beyond the cap.
+        ``roles`` (index = channel) replace the stored ones when given.
         """
         check_source(source)
 
@@ -213,8 +250,8 @@ class SQLiteStore:
                 meta_json = merged_metadata({}, metadata, self.max_metadata_bytes)
                 conn.execute(
                     "INSERT INTO sessions (id, state, source, created_at, updated_at, metadata, tenant, "
-                    "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (session_id, ACTIVE, source, now, now, meta_json, tenant, now),
+                    "heartbeat_at, roles) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (session_id, ACTIVE, source, now, now, meta_json, tenant, now, dump_roles(roles)),
                 )
             else:
                 if tenant is not None and raw.tenant != tenant:
@@ -225,6 +262,10 @@ class SQLiteStore:
                     "heartbeat_at = ?, metadata = ? WHERE id = ?",
                     (ACTIVE, now, now, merged, session_id),
                 )
+                if roles is not None:
+                    conn.execute(
+                        "UPDATE sessions SET roles = ? WHERE id = ?", (dump_roles(roles), session_id)
+                    )
             fresh = self._get_raw(conn, session_id)
             assert fresh is not None  # written just above, in this same transaction
             return fresh
@@ -232,17 +273,23 @@ class SQLiteStore:
         raw = await self._run(self._tx, op)
         return session_view(raw)
 
-    async def close_session(self, session_id: str, reason: str | None = None) -> None:
-        def op(conn: sqlite3.Connection) -> None:
+    async def close_session(self, session_id: str, reason: str | None = None) -> bool:
+        """End an active session; True when this call ended it (False: unknown or already ended)."""
+
+        def op(conn: sqlite3.Connection) -> bool:
             now = time.time()
-            conn.execute(
-                "UPDATE sessions SET state = ?, ended_at = ?, updated_at = ?, end_reason = ? "
-                "WHERE id = ? AND state = ?",
-                (ENDED, now, now, reason, session_id, ACTIVE),
+            return (
+                conn.execute(
+                    "UPDATE sessions SET state = ?, ended_at = ?, updated_at = ?, end_reason = ? "
+                    "WHERE id = ? AND state = ?",
+                    (ENDED, now, now, reason, session_id, ACTIVE),
+                ).rowcount
+                > 0
             )
 
-        await self._run(self._tx, op)
+        ended = await self._run(self._tx, op)
         self._waiters.notify(session_id)  # long polls return at once on an ended session
+        return bool(ended)
 
     async def heartbeat(self, session_id: str) -> None:
         """A live stream's sign of life (see ``sweep``)."""
@@ -271,6 +318,10 @@ class SQLiteStore:
         """End REST sessions idle for ``rest_idle_s`` (reason ``idle``) and stream sessions without a
         heartbeat or result for ``stream_stale_s`` (``server_restart``); 0 turns a rule off.
         Returns how many sessions it ended."""
+        return len(await self.sweep_ended(rest_idle_s, stream_stale_s))
+
+    async def sweep_ended(self, rest_idle_s: float = 900.0, stream_stale_s: float = 90.0) -> list[str]:
+        """``sweep``, returning the ids of the sessions it ended."""
 
         def op(conn: sqlite3.Connection) -> list[str]:
             now = time.time()
@@ -291,26 +342,35 @@ class SQLiteStore:
         ended = await self._run(self._tx, op)
         for sid in ended:
             self._waiters.notify(sid)
-        return len(ended)
+        return ended
 
     async def recover(self, stream_stale_s: float = 90.0) -> int:
         """At server start: every stream session still active was cut by the previous process
         (the file belongs to one process), so end it with reason ``server_restart``."""
-        ended = await self._run(
+        return len(await self.recover_ended(stream_stale_s))
+
+    async def recover_ended(self, stream_stale_s: float = 90.0) -> list[str]:
+        """``recover``, returning the ids of the sessions it ended."""
+        ended: list[str] = await self._run(
             self._tx, lambda conn: self._end_where(conn, "source = 'stream'", (), END_RESTART)
         )
-        return len(ended)
+        return ended
 
     async def append_result(self, session_id: str, result: dict[str, Any]) -> int:
+        return (await self.append(session_id, result)).seq
+
+    async def append(self, session_id: str, result: dict[str, Any]) -> Appended:
+        """``append_result`` returning the stored result and the alerts it fired (``Appended``)."""
         stats = ResultStats.of(result)
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> Appended:
             raw = self._get_raw(conn, session_id)
             if raw is None:
                 raise SessionNotFound(session_id)
             now = time.time()
             seq = raw.last_seq + 1
-            stored = stamp(result, session_id, seq)
+            stored = stamp(stored_body(result, raw.roles, now), session_id, seq)
+            alerts = self._alerts_step(conn, session_id, stored, now) if self.alert_rules else []
             data = json.dumps(stored)
             channels = sorted(set(raw.channels) | {stats.channel})
             if stats.label is not None:
@@ -338,11 +398,48 @@ class SQLiteStore:
                     session_id,
                 ),
             )
-            return seq
+            return Appended(seq=seq, result=stored, alerts=alerts, tenant=raw.tenant)
 
-        seq = await self._run(self._tx, op)
+        appended: Appended = await self._run(self._tx, op)
         self._waiters.notify(session_id)
-        return seq
+        return appended
+
+    def _alerts_step(
+        self, conn: sqlite3.Connection, session_id: str, stored: dict[str, Any], now: float
+    ) -> list[dict[str, Any]]:
+        """Evaluate the alert rules on ``stored`` and store what fired (inside the append's transaction)."""
+        row = conn.execute("SELECT alert_state FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        state = json.loads(row[0]) if row and row[0] else {}
+        new_state, alerts = step(self.alert_rules, state, stored, session_id, iso(now) or "")
+        if new_state != state:
+            conn.execute(
+                "UPDATE sessions SET alert_state = ? WHERE id = ?", (json.dumps(new_state), session_id)
+            )
+        if alerts:
+            conn.executemany(
+                "INSERT OR REPLACE INTO alerts (session_id, seq, rule, created_at, data) VALUES (?, ?, ?, ?, ?)",
+                [(session_id, a["seq"], a["rule"], now, json.dumps(a)) for a in alerts],
+            )
+            conn.execute(
+                "UPDATE sessions SET alert_count = alert_count + ? WHERE id = ?", (len(alerts), session_id)
+            )
+        return alerts
+
+    async def alerts(self, session_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
+        """Alerts of the session whose result ``seq > after``, in order (empty for unknown ids)."""
+
+        def op() -> list[dict]:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT data FROM alerts WHERE session_id = ? AND seq > ? ORDER BY seq, rule LIMIT ?",
+                    (session_id, int(after), max(1, int(limit))),
+                )
+                .fetchall()
+            )
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._run(op)
 
     async def ping(self) -> None:
         """Cheap health check (``/readyz``): one trivial query on the store's connection."""
@@ -416,6 +513,7 @@ class SQLiteStore:
     async def delete_session(self, session_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             conn.execute("DELETE FROM results WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM alerts WHERE session_id = ?", (session_id,))
             return conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
 
         existed = await self._run(self._tx, op)

@@ -151,6 +151,8 @@ async def stream_audio(
     session_id: str | None = None,
     metadata: dict[str, Any] | None = None,
     partials: bool = True,
+    roles: list[str] | None = None,
+    words: bool = False,
     api_key: str | None = None,
     on_message: Callable[[dict], None] | None = None,
     stop: bool = True,
@@ -187,6 +189,8 @@ async def stream_audio(
         stop=stop,
         disconnect_after_s=disconnect_after_s,
         realtime=realtime,
+        roles=roles,
+        words=words,
     )
     deadline = time.monotonic() + timeout_s
     pending: Reconnect | None = None  # the recovery under way
@@ -234,6 +238,10 @@ def _start_message(x: np.ndarray, rate: int, progress: _Progress, opts: dict[str
         start["metadata"] = opts["metadata"]
     if not opts["partials"]:
         start["partials"] = False
+    if opts["roles"]:
+        start["roles"] = opts["roles"]
+    if opts["words"]:
+        start["words"] = True
     return start
 
 
@@ -376,7 +384,7 @@ async def stream_mic(
     on_message = kwargs.pop("on_message", None)
     api_key = kwargs.pop("api_key", None)
     start = {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "channels": channels}
-    for k in ("models", "session_id", "metadata"):
+    for k in ("models", "session_id", "metadata", "roles", "words"):
         if kwargs.get(k):
             start[k] = kwargs[k]
 
@@ -466,6 +474,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--reconnect-for", type=float, default=60.0, help="give up reconnecting after this many seconds (60)"
     )
+    p.add_argument("--roles", default="", help="role per channel, e.g. agent,customer")
+    p.add_argument("--words", action="store_true", help="finals with word timings and confidences")
     p.set_defaults(func=cmd_stream)
     return p
 
@@ -481,6 +491,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         models=[m.strip() for m in args.models.split(",") if m.strip()] or None,
         session_id=args.session_id,
         metadata=json.loads(args.metadata) if args.metadata else None,
+        roles=[r.strip() for r in args.roles.split(",") if r.strip()] or None,
+        words=args.words,
         api_key=args.api_key or os.environ.get("EMOTION_API_KEY"),
         on_message=emit,
     )

@@ -21,18 +21,24 @@ session's ``last_seq`` (reported in ``ready``): finals numbered up to ``last_seq
 never received were stored by the previous connection and can be read with
 ``GET /v1/sessions/{id}/results?after=<last seq received>``. ``utterance`` indexes restart at 0
 with each connection. With two channels, ``R`` is the largest end of either channel.
+
+``start.roles`` names the channels (index = channel, e.g. ``["agent", "customer"]``: at most
+``channels`` names of ``ROLE_PATTERN``); each ``final`` and stored result then carries its
+``role``, and the session keeps them (summaries and alert rules are per role). ``start.words``
+(default false) asks for the word timings in ``final``; the session store keeps them either way.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from app.schemas import Emotion, TextSentiment, WordOut, WordsOnRequest
 
 ENCODINGS = {"pcm_s16le": 2, "f32le": 4}  # bytes per sample
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+ROLE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
 PROTOCOL_VERSION = 1
 
 
@@ -56,6 +62,16 @@ class StartMessage(BaseModel):
         description="session time of this connection's first frame (a live source resuming after a "
         "gap); the server uses max(this, the session's resume point). null = the resume point",
     )
+    roles: list[Annotated[str, Field(pattern=ROLE_PATTERN)]] | None = Field(
+        None, description='role per channel, e.g. ["agent", "customer"] (at most `channels` names)'
+    )
+    words: bool = Field(False, description="true: finals carry word timings and confidences")
+
+    @model_validator(mode="after")
+    def _roles_fit_channels(self) -> StartMessage:
+        if self.roles is not None and len(self.roles) > self.channels:
+            raise ValueError(f"{len(self.roles)} roles for {self.channels} channel(s)")
+        return self
 
 
 class StopMessage(BaseModel):

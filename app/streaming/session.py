@@ -39,6 +39,8 @@ closes the stream 4009). Every final renews the lease right before it is stored,
 TTL, far longer than the append that follows, so a stream that lost its session to a resumed one
 never adds results behind its successor's resume point. ``finish`` ends the stored session only
 while the lease is still ours, so it never ends its successor's session either.
+Roles and words: ``start.roles[channel]`` is each final's ``role`` (stored with the result, and with
+the session on open); finals carry ``words`` only with ``start.words`` (the store always keeps them).
 
 Back-pressure: ``backlog_s`` is the audio of utterances that ended but whose final is not out
 yet. Above ``max_backlog_s`` the reader must stop reading (``wait_capacity``) until the backlog
@@ -291,7 +293,10 @@ class StreamSession:
 
     async def open(self) -> None:
         """Open (or re-open) the stored session, place this connection on its timeline, send ``ready``."""
-        view = await self.store.open_session(self.session_id, self.start_msg.metadata, source="stream")
+        roles = {"roles": self.start_msg.roles} if self.start_msg.roles is not None else {}
+        view = await self.store.open_session(
+            self.session_id, self.start_msg.metadata, source="stream", **roles
+        )
         view = view or {}
         resume_point = float(view.get("audio_duration_s") or 0.0)
         self.time_offset_s = round(max(resume_point, float(self.start_msg.audio_offset_s or 0.0)), 3)
@@ -619,7 +624,7 @@ class StreamSession:
         start_s, end_s = self._t(job.start), self._t(job.end)
         # result shape v2: the start message's ``roles`` name the channels; the store keeps the
         # words always, the final carries them only when the start message asked (``words``)
-        role = role_of(getattr(self.start_msg, "roles", None), job.channel)
+        role = role_of(self.start_msg.roles, job.channel)
         result = {
             "channel": job.channel,
             "role": role,
@@ -661,7 +666,7 @@ class StreamSession:
                 start=start_s,
                 end=end_s,
                 text=out.text,
-                words=out.words if getattr(self.start_msg, "words", False) else None,
+                words=out.words if self.start_msg.words else None,
                 emotion=out.emotion,
                 text_sentiment=out.text_sentiment,
                 reason=job.reason,
