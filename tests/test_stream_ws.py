@@ -102,11 +102,11 @@ def test_realtime_stream_partials_finals_and_end(two_utt_run):
         assert f["reason"] == "end_of_speech"
         assert set(f["emotion"]["probabilities"]) == {"neutral", "happy", "sad", "angry"}
         # result shape v2: ranking, no ensemble entry, no role without roles, text sentiment, and
-        # no words unless the start message asks (the stored result keeps them)
+        # words because the start message asked (tests/test_streaming_state.py: none unless asked)
         assert f["emotion"]["ranking"][0]["label"] == f["emotion"]["label"]
         assert "ensemble" not in f["emotion"]["per_model"] and f["emotion"]["per_model"]
         assert f["role"] is None and f["text_sentiment"]["source"] == "vader"
-        assert "words" not in f
+        assert f["words"] and 0 < f["words"][0]["confidence"] <= 1
         # measured, positive and bounded by the test's own duration; speed itself is bench/stream_bench.py's job
         assert 0 < f["latency_ms"] < 60_000
     assert 0.6 < finals[0]["start"] < 1.2 and 5.7 < finals[1]["start"] < 6.3
@@ -133,7 +133,7 @@ def test_confirmed_prefix_never_changes(two_utt_run):
 
 
 def test_every_utterance_stored_exactly_once(server, two_utt_run):
-    r = server.get("/v1/sessions/two-utt/results")
+    r = server.get("/v1/sessions/two-utt/results", params={"words": "true"})
     assert r.status_code == 200
     body = r.json()
     assert body["state"] == "ended" and body["last_seq"] == 2
@@ -143,7 +143,8 @@ def test_every_utterance_stored_exactly_once(server, two_utt_run):
     assert [(s["start"], s["end"], s["text"]) for s in stored] == [
         (f["start"], f["end"], f["text"]) for f in finals
     ]
-    for s, f in zip(stored, finals, strict=True):  # the store keeps the words the finals left out
+    assert "words" not in server.get("/v1/sessions/two-utt/results").json()["results"][0]  # only if asked
+    for s, f in zip(stored, finals, strict=True):  # the store keeps the words
         assert s["words"] and all(0 <= w["confidence"] <= 1 for w in s["words"])
         assert s["start"] <= s["words"][0]["start"] and s["words"][-1]["end"] <= s["end"] + 0.05
         assert (s["emotion"], s["text_sentiment"], s["role"]) == (f["emotion"], f["text_sentiment"], None)
