@@ -97,10 +97,11 @@ def create_app(
         # events (SSE, webhooks): the store publishes on a bus of its kind (app.store.events)
         app.state.events = open_bus(settings, app.state.store) if app.state.store is not None else None
         app.state.store = with_events(app.state.store, app.state.events)
+        # before recovery, so sessions a crashed server left active get their session.ended webhooks
+        app.state.jobs = await start_jobs(app)  # queued and cut-off jobs resume; pending webhooks too
         await _recover_sessions(app.state.store, settings)
         sweeper = asyncio.create_task(_sweep_sessions(app.state.store, settings), name="session-sweep")
         app.state.start_task = asyncio.create_task(_start_service(app, service), name="service-start")
-        app.state.jobs = await start_jobs(app)  # queued and cut-off jobs resume; pending webhooks too
         try:
             yield
         finally:

@@ -179,13 +179,49 @@ def test_separate_channels_get_their_roles_in_a_session_the_client_named(server)
 
 
 def test_the_event_bus_can_enqueue_session_ended(server, receiver):
-    """``app.jobs.webhooks.enqueue``: what the lead calls when a session ends."""
+    """``app.jobs.webhooks.enqueue``: a module-level way to queue any event for a named target."""
     delivery_id = asyncio.run(webhook_module.enqueue("hook", "session.ended", {"session_id": "call-7"}))
     assert delivery_id is not None
     hit = wait_for(lambda: hits_for(receiver, delivery_id))[0]
     assert hit.headers["X-Emotion-Event"] == "session.ended"
     assert verify(SECRET, hit.body, hit.headers["X-Emotion-Signature"])
     assert json.loads(hit.body)["data"] == {"session_id": "call-7"}
+
+
+def test_a_stream_that_ends_sends_session_ended_to_the_targets_its_tenant_may_use(server, receiver):
+    """The event bus's ``ended`` becomes a signed ``session.ended`` delivery (app.jobs.lifecycle),
+    to "hook" (every tenant) and not to "alice-only" (the stream is bob's)."""
+    from app.streaming.client import stream_file
+
+    run = asyncio.run(
+        stream_file(
+            ANGRY,
+            server.base.replace("http", "ws") + "/v1/stream",
+            realtime=False,
+            session_id="live-end",
+            api_key=BOB,
+            timeout_s=120,
+        )
+    )
+    assert run.of_type("final") and run.of_type("end")
+
+    def ended_hits():
+        out = []
+        for h in receiver.hits:
+            body = json.loads(h.body)
+            if (
+                body["event"] == "session.ended"
+                and (body["data"].get("session") or {}).get("id") == "live-end"
+            ):
+                out.append((h, body))
+        return out
+
+    hit, body = wait_for(ended_hits)[0]
+    assert verify(SECRET, hit.body, hit.headers["X-Emotion-Signature"])
+    session = body["data"]["session"]
+    assert session["state"] == "ended" and session["tenant"] == "bob" and session["last_seq"] >= 1
+    time.sleep(1.0)  # a second (wrong) delivery to alice-only would have arrived by now
+    assert len(ended_hits()) == 1
 
 
 def test_webhook_names_must_be_configured_for_the_caller(server, recording):

@@ -3,7 +3,8 @@
 ``start_jobs(app)`` opens the job store (``<jobs_dir>/jobs.db``, default: ``jobs/`` next to the
 session SQLite file), queues again the jobs a previous process left ``running``, removes uploaded
 audio no unfinished job refers to, and starts the webhook dispatcher (pending deliveries resume)
-and the job runner (which waits for the models). The result is ``app.state.jobs`` (a ``Jobs``), or
+and the job runner (which waits for the models); with webhook targets, ended sessions (from the
+event bus, ``app.state.events``) become ``session.ended`` deliveries. The result is ``app.state.jobs`` (a ``Jobs``), or
 None when there is no session store or the job store cannot be opened: then ``/v1/jobs``
 answers 503 ``jobs_unavailable`` and the rest of the server runs on. ``stop_jobs(app)`` stops the
 runner first (running jobs go back to ``queued``), then the dispatcher, then closes the store; call
@@ -77,9 +78,24 @@ async def start_jobs(app) -> Jobs | None:
         log.info("%d job(s) left running by a previous server are queued again", requeued)
     webhooks = WebhookDispatcher(settings, store)
     await webhooks.start()
+    events = getattr(app.state, "events", None)
+    if events is not None and webhooks.targets:
+        events.add_listener(session_ended_webhooks(webhooks))
     runner = JobRunner(app.state, store, webhooks)
     runner.start()
     return Jobs(store, webhooks, runner)
+
+
+def session_ended_webhooks(webhooks: WebhookDispatcher):
+    """An event-bus listener: every ``ended`` session becomes a ``session.ended`` delivery to each
+    target that takes that event and allows the session's tenant. The bus calls listeners on the
+    replica that published the event only, so each end is delivered once across replicas."""
+
+    async def on_event(event) -> None:
+        if event.type == "ended":
+            await webhooks.enqueue_event("session.ended", {"session": event.data}, tenant=event.tenant)
+
+    return on_event
 
 
 async def stop_jobs(app) -> None:
