@@ -24,8 +24,8 @@ class MemoryStore:
     async def get_session(self, session_id):
         return self.sessions.get(session_id)
 
-    async def open_session(self, session_id, metadata=None, source="stream"):
-        self.sessions[session_id] = {"id": session_id, "source": source}
+    async def open_session(self, session_id, metadata=None, source="stream", roles=None):
+        self.sessions[session_id] = {"id": session_id, "source": source, "roles": roles}
         self.results.setdefault(session_id, [])
         return self.sessions[session_id]
 
@@ -243,6 +243,14 @@ def test_session_id_stores_each_segment(client, store):
         "/v1/predict?session_id=call-42", files={"file": ("a.flac", ANGRY.read_bytes())}
     ).json()
     assert again["seq"] == [len(body["segments"]) + 1]  # appended to the same session
+    assert store.sessions["call-42"]["roles"] is None
+    named = client.post(  # roles= names the session's channels too (summaries and alerts are per role)
+        "/v1/predict?channels=separate&session_id=call-42&roles=agent,customer",
+        files={"file": ("call.wav", STEREO.read_bytes())},
+    )
+    assert named.status_code == 200, named.text
+    assert store.sessions["call-42"]["roles"] == ["agent", "customer"]
+    assert [r["role"] for r in store.results["call-42"][-2:]] == ["agent", "customer"]
 
 
 def test_models_listing_and_openapi(client):

@@ -264,9 +264,11 @@ async def _predict(
     )
     if opts.session_id and store is not None:  # a session id without a store was refused above
         view = await may_use_session(store, opts.session_id, principal)
-        if view is None or view.get("state") == "ended":  # create, or re-open an idle-ended one
+        roles = {"roles": opts.roles} if opts.roles else {}  # the session keeps them (summaries, alerts)
+        renamed = bool(roles) and view is not None and view.get("roles") != opts.roles
+        if view is None or view.get("state") == "ended" or renamed:  # create, or re-open an idle-ended one
             try:
-                await store.open_session(opts.session_id, source="rest", **owner_kwargs(principal))
+                await store.open_session(opts.session_id, source="rest", **owner_kwargs(principal), **roles)
             except SessionNotFound:  # another tenant created it meanwhile
                 raise SessionNotFoundError(f"no session {opts.session_id!r}") from None
         response.session_id = opts.session_id

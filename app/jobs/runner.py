@@ -255,7 +255,9 @@ class JobRunner:
         store = self.state.store
         if store is None:
             raise JobError("store_unavailable", "sessions are not available on this server", 503)
-        owner = {} if job.tenant is None else {"tenant": job.tenant}
+        owner: dict = {} if job.tenant is None else {"tenant": job.tenant}
+        if job.options.get("roles"):  # the session keeps them (summaries, alert rules)
+            owner["roles"] = list(job.options["roles"])
         try:  # create it, or re-open it (a REST session may have been ended as idle meanwhile)
             await store.open_session(job.session_id, metadata={"job_id": job.id}, source="rest", **owner)
         except SessionNotFound:
