@@ -1,4 +1,4 @@
-"""The CLI's text mode: exact strings from ``app.cli_render`` for v2 and v1 results, colour rules,
+"""The CLI's text mode: exact strings from ``app.cli.render`` for v2 and v1 results, colour rules,
 and ``StreamPrinter`` fed a recorded message sequence (terminal and pipe)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from app.cli_output import CLEAR_LINE, StreamPrinter
-from app.cli_render import (
+from app.cli.output import CLEAR_LINE, StreamPrinter
+from app.cli.render import (
     Style,
     Summary,
     color_allowed,

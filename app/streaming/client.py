@@ -3,7 +3,7 @@
 Sends a file (or the microphone, ``--mic``, with the optional ``sounddevice`` package) to
 ``WS /v1/stream`` as 20-ms ``pcm_s16le`` frames at the file's own sample rate and channel count, then
 ``stop``, and prints every server message until ``end``: one JSON line each (``--format json``, the
-default off a terminal) or readable text (``--format text``, ``app.cli_output.StreamPrinter``).
+default off a terminal) or readable text (``--format text``, ``app.cli.output.StreamPrinter``).
 ``--realtime`` (default) paces frames like a live source; ``--fast`` sends as fast as the server
 reads (it then gets a ``client_too_fast`` warning and TCP back-pressure).
 
@@ -483,9 +483,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_stream(args: argparse.Namespace) -> int:
     import os
 
-    from app.cli_output import StreamPrinter
+    from app.cli.output import StreamPrinter
 
-    emit = StreamPrinter.for_terminal(args.format)  # JSON lines, or text (app.cli_render)
+    emit = StreamPrinter.for_terminal(args.format)  # JSON lines, or text (app.cli.render)
 
     kwargs: dict[str, Any] = dict(
         models=[m.strip() for m in args.models.split(",") if m.strip()] or None,

@@ -6,7 +6,7 @@
   received) or text (finals as utterance lines, partials on the status line, a summary at the end).
 * :class:`Progress` is the ``predict`` progress bar on stderr.
 
-The strings come from ``app.cli_render``; this module only decides where and when they go.
+The strings come from ``app.cli.render``; this module only decides where and when they go.
 Thread-safety: none; each object belongs to the one event loop (or thread) of one command.
 """
 
@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from app.cli_render import (
+from app.cli.render import (
     Style,
     Summary,
     default_format,

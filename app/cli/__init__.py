@@ -7,7 +7,7 @@
   results in input order. ``json`` (the default off a terminal): one object per line, the
   /v1/predict response plus ``file``; a failed file gives ``{"file", "error", "detail"}``.
   ``text`` (the default on a terminal): one line per utterance and a summary per file
-  (``app.cli_render``), a progress bar on stderr when it is a terminal. Exit status 2 before any
+  (``app.cli.render``), a progress bar on stderr when it is a terminal. Exit status 2 before any
   work when a file is missing (all missing files named), 1 when any file failed.
 * ``config``: the effective settings as JSON (API/admin keys and URL passwords redacted).
 * ``stream``: added by ``app.streaming.client.add_parser`` when that module exists.
@@ -120,8 +120,8 @@ async def map_ordered(
 async def _predict_files(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from app.analysis.audio import decode
     from app.api.predict import _limits
-    from app.cli_output import Progress
-    from app.cli_render import default_format, is_tty, predict_text, style_for
+    from app.cli.output import Progress
+    from app.cli.render import default_format, is_tty, predict_text, style_for
     from app.errors import status_and_code
     from app.service import EmotionService
 
@@ -298,7 +298,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

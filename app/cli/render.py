@@ -3,7 +3,7 @@
 Everything here maps data (an utterance result, a partial, a predict response line, counters) and
 a :class:`Style` (colour, Unicode, terminal width) to strings, so the exact output is unit-tested.
 The writers that put these strings on a terminal (carriage-return status lines, the progress bar)
-live in ``app.cli_output``.
+live in ``app.cli.output``.
 
 Results are read as plain dicts in the v2 shape (``role``, ``emotion.score``,
 ``emotion.ranking``, ``text_sentiment``) and v1 dicts are tolerated: only ``start``, ``end`` and
