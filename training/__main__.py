@@ -121,6 +121,12 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--cache-dir", default="cache", help="feature cache root (default: cache)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument(
+        "--condition-seed",
+        type=int,
+        default=0,
+        help="seed of the call-audio condition (training/conditions.py; default: 0)",
+    )
     g = p.add_argument_group(
         "pretrained parts (SPEC §2; each changes the feature digest: cache directory and model cards)"
     )
@@ -258,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("cache", "fill the feature cache (ASR + features) for a corpus")
     _add_data(p)
+    p.add_argument(
+        "--condition",
+        choices=("clean", "call"),
+        default="clean",
+        help="analyse the clips as recorded (clean) or through a simulated phone call (call: 8-kHz "
+        "band, G.711 mu-law, noise at 10-20 dB SNR, level +-10 dB; training/conditions.py)",
+    )
 
     p = command("evaluate", "cross-validate one model and write a run report (no export)")
     _add_data(p)
@@ -355,7 +368,7 @@ class Context:
         """The Analyzer for cache misses (built on the first miss)."""
         return self.spec.build()
 
-    def samples(self, names):
+    def samples(self, names, condition: str = "clean"):
         from training.cache import CacheStats, prepare
 
         stats = CacheStats()
@@ -367,9 +380,16 @@ class Context:
             analyzer=self.analyzer,
             progress=not self.args.no_progress,
             stats=stats,
+            condition=condition,
+            condition_seed=self.args.condition_seed,
         )
         log.info(
-            "cache %s: %d hits, %d analysed, %.0f s", self.cache.dir, stats.hits, stats.misses, stats.seconds
+            "cache %s (%s): %d hits, %d analysed, %.0f s",
+            self.cache.dir,
+            condition,
+            stats.hits,
+            stats.misses,
+            stats.seconds,
         )
         return out
 
@@ -523,8 +543,8 @@ def _print_result(report: dict) -> None:
 
 def cmd_cache(args) -> None:
     ctx = Context(args)
-    ctx.samples(())
-    print(f"cached {len(ctx.clips)} clips under {ctx.cache.dir}")
+    ctx.samples((), condition=args.condition)
+    print(f"cached {len(ctx.clips)} {args.condition} clips under {ctx.cache.dir}")
 
 
 def cmd_evaluate(args) -> None:
