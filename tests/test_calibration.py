@@ -72,7 +72,10 @@ def test_card_temperature_and_combiner_card(tmp_path):
     assert card_temperature({"calibration": {"temperature": "x"}}) == 1.0
     shas = {"a": "1" * 64, "b": "2" * 64}
     card = {
-        "members": [{"id": "a", "sha256": shas["a"], "weight": 0.5}, {"id": "b", "sha256": shas["b"], "weight": 0.5}],
+        "members": [
+            {"id": "a", "sha256": shas["a"], "weight": 0.5},
+            {"id": "b", "sha256": shas["b"], "weight": 0.5},
+        ],
         "combiner": {"method": "log-linear", "temperature": 2.0},
     }
     (tmp_path / "ensemble.json").write_text(json.dumps(card))
@@ -100,7 +103,10 @@ def test_the_server_applies_the_card_temperature(tmp_path):
     shutil.copy(models / raw["onnx"], tmp_path / raw["onnx"])
     classes = tuple(raw["classes"])
     rng = np.random.default_rng(0)
-    sample = {"enc_patches": rng.normal(0, 1, (3, 384)).astype(np.float32), "patch_mask": np.ones(3, np.float32)}
+    sample = {
+        "enc_patches": rng.normal(0, 1, (3, 384)).astype(np.float32),
+        "patch_mask": np.ones(3, np.float32),
+    }
     sample |= {"words": rng.normal(0, 0.1, (5, 384)).astype(np.float32), "words_mask": np.ones(5, np.float32)}
 
     def run(temperature):

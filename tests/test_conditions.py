@@ -46,7 +46,9 @@ def test_mulaw_roundtrip_error_is_bounded():
     assert np.all(err <= bound)
     assert np.max(err[np.abs(x) < 0.01]) < 3e-4  # quiet samples keep fine steps
     speech = _speechlike()
-    snr = 10 * np.log10(np.sum(speech.astype(np.float64) ** 2) / np.sum((C.mulaw_roundtrip(speech) - speech) ** 2))
+    snr = 10 * np.log10(
+        np.sum(speech.astype(np.float64) ** 2) / np.sum((C.mulaw_roundtrip(speech) - speech) ** 2)
+    )
     assert snr > 30  # G.711 gives ~38 dB on speech-level signals
     codes = C.mulaw_encode(x)
     assert codes.dtype == np.uint8 and codes.min() == 0 and codes.max() == 255
