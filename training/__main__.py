@@ -80,6 +80,8 @@ ACOUSTIC_OVERRIDES: dict[str, dict[str, dict]] = {
 
 def paper_figure(model: str, variant: str) -> tuple[float, float, str] | None:
     figures = PAPER_FIGURES.get(model, {})
+    # the paper's figure is for its own front end; a variant on Whisper frames gets it as context
+    variant = "-".join(p for p in variant.split("-") if p not in ("encoder", "enc"))
     return (
         figures.get(variant)
         or figures.get(variant.split("-")[0] if model == "adf" else "")
@@ -937,16 +939,17 @@ def write_results(path: Path, reports: list[dict]) -> Path:
         "`accuracy` = correct / all; `balanced_accuracy` = mean per-class recall (SPEC §3), both on pooled "
         "out-of-fold predictions.",
         "",
-        "| model | variant | accuracy | balanced_accuracy | paper's figure (accuracy / balanced_accuracy, their data and protocol) | training minutes |",
-        "|---|---|---|---|---|---|",
+        "| model | variant | trained on | accuracy | balanced_accuracy | paper's figure (accuracy / balanced_accuracy, their data and protocol) | training minutes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         m = r["metrics"]
         fig = paper_figure(r["model"], r["variant"])
         fig_txt = f"{fig[0]:.2f} / {fig[1]:.2f} ({fig[2]})" if fig else "-"
         minutes = (r.get("train_seconds", 0.0) + r.get("_final_seconds", 0.0)) / 60
+        train = "+".join(r.get("train_conditions", ["clean"])) if r["model"] != "ensemble" else "-"
         lines.append(
-            f"| {r['model']} | {r['variant']} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {fig_txt} | {minutes:.1f} |"
+            f"| {r['model']} | {r['variant']} | {train} | {m['accuracy']:.4f} | {m['balanced_accuracy']:.4f} | {fig_txt} | {minutes:.1f} |"
         )
     lines += [
         "",
