@@ -154,3 +154,37 @@ def test_publish_writes_card_and_results_only_for_the_exported_runs(tmp_path):
     with pytest.raises(SystemExit, match="not exported from run"):
         publish_results(models, [], members, ens)
     assert not (models / "ensemble.json").exists()
+
+
+def _with_call(report, call_probs, y, fold):
+    """Add a call-audio condition block as ``cross_validate(..., conditions=...)`` writes it."""
+    call = _run_report(report["model"], call_probs, y, fold)
+    report["conditions"] = {"call": {"metrics": call["metrics"], "oof": call["oof"]}}
+    report["train_conditions"] = ["clean"]
+    return report
+
+
+def test_combiners_are_scored_per_condition_and_chosen_by_the_worst_one():
+    """Member a is right on clean clips and noise on call audio; member b the reverse. Weights fitted
+    on clean predictions alone (the old rule) favour a and fail on call audio; the chosen combiner
+    must be the one whose worst condition is best, and fitted weights stay >= 0.15 where constrained."""
+    from training.combine import MIN_WEIGHT, analyse
+
+    rng = np.random.default_rng(2)
+    n = 240
+    y = rng.integers(0, 4, n)
+    fold = np.arange(n) % 4
+    right = lambda: np.eye(4)[y] * 0.5 + rng.dirichlet(np.ones(4), n) * 0.5  # noqa: E731
+    noise = lambda: rng.dirichlet(np.ones(4), n)  # noqa: E731
+    a = _with_call(_run_report("a", right(), y, fold), noise(), y, fold)
+    b = _with_call(_run_report("b", noise() * 0.6 + np.eye(4)[y] * 0.4, y, fold), right(), y, fold)
+    out = analyse([a, b], ["clean", "call"])
+    combos = out["combiners"]
+    assert combos["weighted"]["weights"][0] > combos["weighted"]["weights"][1]
+    assert combos["weighted"]["call"]["balanced_accuracy"] < combos["mean"]["call"]["balanced_accuracy"]
+    assert min(combos["constrained"]["weights"]) >= MIN_WEIGHT - 1e-9
+    worst = {k: v["worst_balanced_accuracy"] for k, v in combos.items()}
+    assert worst[out["chosen"]] >= max(worst.values()) - 0.01
+    for m in out["members"]:
+        assert m["temperature"] > 0 and set(m["fold_temperatures"]) == {0, 1, 2, 3}
+    assert out["ensemble"]["temperature"] > 0 and 0 <= out["ensemble"]["call"]["ece"] <= 1

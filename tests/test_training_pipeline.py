@@ -280,3 +280,55 @@ def test_seed_ensemble_with_augmentation_trains_and_exports(cached, tmp_path):
         "3m-ser", result.model, result.config, CLASSES, samples, tmp_path, {"kind": "ravdess"}
     )
     assert card["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_cv_under_a_test_condition_with_augmentation_and_adf_on_encoder_frames(cached, tmp_path):
+    """A second condition of the same clips is predicted per fold and reported beside clean; as a
+    train condition its training speakers' clips join training; adf reads Whisper encoder frames
+    in place of the waveform and exports with parity."""
+    from training.export import export_model
+    from training.trainer import cross_validate, make_settings, train_final
+
+    samples, clips = cached["samples"], cached["clips"]
+    rng = np.random.default_rng(0)
+    noisy = [
+        dataclasses.replace(
+            s,
+            inputs={
+                **s.inputs,
+                "encoder": s.inputs["encoder"]
+                + rng.normal(0, 0.5, s.inputs["encoder"].shape).astype(np.float32),
+            },
+        )
+        for s in samples
+    ]
+    folds = speaker_kfold(clips, k=2, seed=0, n_val=1)
+    settings = make_settings("adf", epochs=2, patience=2, batch_size=4, seed=0, threads=1, members=1)
+    overrides = {**_smoke_overrides("adf"), "acoustic": "encoder"}
+    res = cross_validate(
+        "adf",
+        samples,
+        CLASSES,
+        folds,
+        settings,
+        overrides,
+        "speaker-kfold",
+        {"kind": "ravdess"},
+        tmp_path / "runs",
+        conditions={"call": noisy},
+        train_conditions=("call",),
+    )
+    report = res.report
+    assert report["variant"].startswith("encoder") and report["train_conditions"] == ["clean", "call"]
+    call = report["conditions"]["call"]
+    assert set(call["oof"]) == set(report["oof"]) and 0 <= call["metrics"]["balanced_accuracy"] <= 1
+    assert call["oof"] != report["oof"]  # other inputs, other probabilities
+    assert "ece" in report["metrics"] and "ece" in call["metrics"]
+    with pytest.raises(ValueError):
+        cross_validate("adf", samples, CLASSES, folds, settings, overrides, conditions={"call": noisy[:-1]})
+    result, how = train_final("adf", samples + noisy, len(CLASSES), settings, overrides, epochs=1)
+    card = export_model(
+        "adf", result.model, result.config, CLASSES, samples, tmp_path / "models", {}, report, how
+    )
+    assert [i["name"] for i in card["inputs"]][:2] == ["encoder", "encoder_mask"]
+    assert card["parity"]["max_abs_diff"] < 1e-4

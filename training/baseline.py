@@ -82,28 +82,42 @@ def cross_validate_baseline(
     out_root: str | Path = "runs",
     feature_config: FeatureConfig | None = None,
     speaker_norm: bool = False,
+    conditions: dict[str, Sequence[Sample]] | None = None,
+    train_conditions: Sequence[str] = (),
 ) -> CVResult:
+    """``conditions``/``train_conditions`` as in ``training.trainer.cross_validate``."""
+    from training.trainer import add_conditions
+
     t0 = time.perf_counter()
     fc = feature_config or FeatureConfig()
     n = len(classes)
+    conditions = dict(conditions or {})
     x = pooled_encoder(samples, speaker_norm)
+    cx = {name: pooled_encoder(other, speaker_norm) for name, other in conditions.items()}
     y = np.array([s.label for s in samples])
     probs = np.zeros((len(samples), n))
+    cond_probs = {name: np.zeros((len(samples), n)) for name in conditions}
     fold_of = np.full(len(samples), -1)
     chosen, seconds = [], []
     for f in folds:
         tf = time.perf_counter()
         tr, va, te = (np.array(ix, np.int64) for ix in (f.train, f.val, f.test))
+        # training rows: the clean clips plus, per train condition, the same speakers' clips under it
+        xtr = np.concatenate([x[tr], *(cx[c][tr] for c in train_conditions)])
+        ytr = np.concatenate([y[tr]] * (1 + len(train_conditions)))
+        xva = np.concatenate([x[va], *(cx[c][va] for c in train_conditions)])
+        yva = np.concatenate([y[va]] * (1 + len(train_conditions)))
         best_c, best_score = C_GRID[0], -1.0
         if len(va):
             for c in C_GRID:
-                clf = _classifier(c, seed).fit(x[tr], y[tr])
-                score = M.balanced_accuracy(y[va], _proba(clf, x[va], n).argmax(1), n)
+                clf = _classifier(c, seed).fit(xtr, ytr)
+                score = M.balanced_accuracy(yva, _proba(clf, xva, n).argmax(1), n)
                 if score > best_score:
                     best_c, best_score = c, score
-        fit_ix = np.concatenate([tr, va])
-        clf = _classifier(best_c, seed).fit(x[fit_ix], y[fit_ix])
+        clf = _classifier(best_c, seed).fit(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]))
         probs[te] = _proba(clf, x[te], n)
+        for name in conditions:
+            cond_probs[name][te] = _proba(clf, cx[name][te], n)
         fold_of[te] = f.index
         chosen.append(best_c)
         seconds.append(time.perf_counter() - tf)
@@ -138,5 +152,6 @@ def cross_validate_baseline(
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "oof": oof_block(samples, probs, fold_of, classes),
     }
+    add_conditions(report, samples, cond_probs, folds, classes, train_conditions)
     path = write_report(report, run_dir(out_root, MODEL_ID, VARIANT), classes)
     return CVResult(report, path, probs, [])

@@ -104,10 +104,14 @@ class FeatureCache:
         _atomic_write(meta_path, lambda fh: json.dump(meta, fh, indent=1), binary=False)
 
 
-def clip_audio(clip: Clip) -> np.ndarray:
-    """The 16-kHz mono audio of a clip: its utterance span when it has one."""
+def clip_audio(clip: Clip, condition: str = "clean", condition_seed: int = 0) -> np.ndarray:
+    """The 16-kHz mono audio of a clip: its utterance span when it has one, heard under
+    ``condition`` (``training.conditions``: "clean" = as recorded, "call" = through a phone call)."""
+    from training.conditions import apply_condition
+
     audio = decode(clip.path).mono
-    return audio if clip.span is None else audio[clip.span[0] : clip.span[1]]
+    audio = audio if clip.span is None else audio[clip.span[0] : clip.span[1]]
+    return apply_condition(audio, condition, condition_seed)
 
 
 @dataclass
@@ -209,12 +213,17 @@ def prepare(
     analyzer: AnalyzerSource = None,
     progress: bool = True,
     stats: CacheStats | None = None,
+    condition: str = "clean",
+    condition_seed: int = 0,
 ) -> list[Sample]:
     """Fill the cache for ``clips`` (analysing only the misses) and load them.
 
     ``names``: the inputs to keep in memory (None = all; an empty tuple loads nothing but still
     fills the cache). ``analyzer``: an ``Analyzer``, a factory returning one, or None for the
     default one, built lazily on the first miss -- a fully cached run never loads ASR.
+    ``condition``/``condition_seed``: analyse each clip as heard under that condition
+    (``clip_audio``); the audio is the cache key, so a condition's entries share the digest's
+    directory with the clean ones and the samples keep their clips (ids, speakers, labels).
     """
     from tqdm import tqdm
 
@@ -223,9 +232,10 @@ def prepare(
     names = None if names is None else tuple(names)
     samples = []
     t0 = time.perf_counter()
-    bar = tqdm(clips, desc=f"features [{cache.digest}]", unit="clip", disable=not progress, leave=False)
+    desc = f"features [{cache.digest}]" + ("" if condition == "clean" else f" {condition}")
+    bar = tqdm(clips, desc=desc, unit="clip", disable=not progress, leave=False)
     for clip in bar:
-        audio = clip_audio(clip)
+        audio = clip_audio(clip, condition, condition_seed)
         key = audio_key(audio)
         if cache.has(key):
             stats.hits += 1
@@ -239,6 +249,7 @@ def prepare(
                 "path": clip.id,
                 "duration_s": len(audio) / cache.config.sample_rate,
                 "feature_config_digest": cache.digest,
+                "condition": condition if condition == "clean" else f"{condition}:{condition_seed}",
                 "transcript": transcript_json(analysis.transcript),
                 "timing_ms": {k: round(float(v), 2) for k, v in analysis.timing_ms.items()},
             }

@@ -112,7 +112,7 @@ def variant_of(cfg) -> str:
     parts = []
     if hasattr(cfg, "variant"):
         parts.append(str(cfg.variant))
-    if getattr(cfg, "acoustic", "frames33") != "frames33":  # cmt-awc on other acoustic frames
+    if getattr(cfg, "acoustic", "frames33") not in ("frames33", "waveform"):  # pretrained frames
         parts.append(str(cfg.acoustic))
     if hasattr(cfg, "fusion"):
         parts.append(str(cfg.fusion))
@@ -371,13 +371,14 @@ def run_dir(out_root: str | Path, model: str, variant: str) -> Path:
 def oof_block(
     samples: Sequence[Sample], probs: np.ndarray, fold_of: np.ndarray, classes: Sequence[str]
 ) -> dict:
-    """Out-of-fold probabilities keyed by clip path."""
+    """Out-of-fold probabilities keyed by clip path (7 significant digits: small probabilities keep
+    their logarithm, which calibration reads)."""
     return {
         s.path: {
             "label": classes[s.label],
             "speaker": s.speaker,
             "fold": int(fold_of[i]),
-            "probabilities": [round(float(p), 6) for p in probs[i]],
+            "probabilities": [float(f"{float(p):.7g}") for p in probs[i]],
         }
         for i, s in enumerate(samples)
     }
@@ -387,9 +388,12 @@ def evaluate_oof(
     samples: Sequence[Sample], probs: np.ndarray, folds: Sequence[Fold], classes: Sequence[str]
 ) -> tuple[dict, list[dict]]:
     """Overall metrics on pooled out-of-fold predictions, plus per-fold metrics."""
+    from training.calibration import ece
+
     y = np.array([s.label for s in samples])
     pred = probs.argmax(1)
     overall = M.summarize(y, pred, classes)
+    overall["ece"] = ece(probs, y)  # uncalibrated (training/calibration.py: 15 bins, top label)
     per_fold = []
     for f in folds:
         idx = np.array(f.test, np.int64)
@@ -451,11 +455,27 @@ def cross_validate(
     protocol: str = "speaker-kfold",
     dataset: dict | None = None,
     out_root: str | Path = "runs",
+    conditions: dict[str, Sequence[Sample]] | None = None,
+    train_conditions: Sequence[str] = (),
 ) -> CVResult:
-    """Fit every fold, predict its test speakers, and write the run report."""
+    """Fit every fold, predict its test speakers, and write the run report.
+
+    ``conditions``: other versions of the same clips (same order), e.g. ``{"call": ...}``
+    (``training.conditions``): every fold's model also predicts its test speakers' clips under each,
+    reported under ``conditions`` in the report. ``train_conditions``: those of them whose TRAINING
+    and inner-validation speakers' clips join the clean ones in training (augmentation); a test
+    speaker's clips never do."""
     overrides = overrides or {}
+    conditions = dict(conditions or {})
+    for name, other in conditions.items():
+        if [s.path for s in other] != [s.path for s in samples]:
+            raise ValueError(f"condition {name!r} holds other clips than the clean samples")
+    missing = [c for c in train_conditions if c not in conditions]
+    if missing:
+        raise ValueError(f"train conditions {missing} have no samples")
     n_classes = len(classes)
     probs = np.zeros((len(samples), n_classes))
+    cond_probs = {name: np.zeros((len(samples), n_classes)) for name in conditions}
     fold_of = np.full(len(samples), -1)
     fits, t0 = [], time.perf_counter()
     cfg = None
@@ -463,9 +483,16 @@ def cross_validate(
         train = [samples[i] for i in f.train]
         val = [samples[i] for i in f.val]
         test = [samples[i] for i in f.test]
+        for name in train_conditions:
+            train += [conditions[name][i] for i in f.train]
+            val += [conditions[name][i] for i in f.val]
         result = fit(model_id, n_classes, train, val, settings, overrides)
         cfg = result.config
         probs[list(f.test)] = predict_proba(result.model, test, settings.batch_size)
+        for name, other in conditions.items():
+            cond_probs[name][list(f.test)] = predict_proba(
+                result.model, [other[i] for i in f.test], settings.batch_size
+            )
         fold_of[list(f.test)] = f.index
         fits.append(result)
         log.info(
@@ -505,10 +532,35 @@ def cross_validate(
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "oof": oof_block(samples, probs, fold_of, classes),
     }
+    add_conditions(report, samples, cond_probs, folds, classes, train_conditions)
     out = run_dir(out_root, model_id, variant)
     path = write_report(report, out, classes)
     best = [r.best_epoch for r in fits]
     return CVResult(report, path, probs, best)
+
+
+def add_conditions(
+    report: dict,
+    samples: Sequence[Sample],
+    cond_probs: dict[str, np.ndarray],
+    folds: Sequence[Fold],
+    classes: Sequence[str],
+    train_conditions: Sequence[str] = (),
+) -> None:
+    """``report["conditions"][name]`` = metrics and out-of-fold probabilities of each test condition
+    (the clean ones stay in ``metrics``/``oof``); ``report["train_conditions"]``."""
+    fold_of = np.full(len(samples), -1)
+    for f in folds:
+        fold_of[list(f.test)] = f.index
+    report["train_conditions"] = ["clean", *train_conditions]
+    report["conditions"] = {}
+    for name, p in cond_probs.items():
+        overall, per_fold = evaluate_oof(samples, p, folds, classes)
+        report["conditions"][name] = {
+            "metrics": overall,
+            "folds": [{k: pf[k] for k in ("index", "accuracy", "balanced_accuracy")} for pf in per_fold],
+            "oof": oof_block(samples, p, fold_of, classes),
+        }
 
 
 def dataset_block(

@@ -45,7 +45,7 @@ from app import metrics
 from app.analysis.inputs import collate, inputs_for, model_inputs
 from app.errors import InferenceError, NotReadyError, ServiceError
 from app.inference.batching import DynamicBatcher
-from app.inference.ensemble import load_weights
+from app.inference.ensemble import apply_temperature, card_temperature, load_weights
 from app.inference.scheduler import Call, Failed, Lane, LaneLimits, Priority, cpu_lane, resolve_max_batch
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,8 @@ class ModelRunner:
         if set(card.classes) != set(classes):
             raise ModelLoadError(f"model {card.id}: classes {card.classes} differ from {tuple(classes)}")
         self.order = np.array([card.classes.index(c) for c in classes])
+        # temperature fitted out-of-fold (card "calibration"; 1.0 = uncalibrated)
+        self.temperature = card_temperature(card.raw, f"model {card.id}")
         log.info(
             "model %s (%s): providers %s (requested %s), inputs %s",
             card.id,
@@ -280,7 +282,8 @@ class ModelRunner:
         sums = probs.sum(axis=1, keepdims=True)
         if (sums <= 0).any():
             raise InferenceError(f"model {self.card.id} returned all-zero probabilities")
-        return list(probs / sums)  # exact normalisation: float32 softmax sums drift by ~1e-7
+        # exact normalisation (float32 softmax sums drift by ~1e-7), then the card's temperature
+        return list(apply_temperature(probs / sums, self.temperature))
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,16 @@ Fusion (paper §2.3), ``fusion``:
   ``beta_m = softmax_m(h_m . h_hat)`` with a learned context vector ``h_hat``,
   ``q = sum_m beta_m c_m`` -> classifier.
 ``modality="audio"`` / ``"text"`` are the single-modality networks (vector -> classifier).
+
+Acoustic front end (``acoustic``, not a paper variant): ``"waveform"`` (default, the paper's
+SincNet + DCNN on raw samples, §2.1) or ``"encoder"``: pretrained Whisper encoder frames (``encoder``,
+384-d at 20 ms, from the same ASR pass; SPEC §2) replace the SincNet layer and the convolutional
+trunk. What changes is the INPUT of the chunk-level dense layers (the DCNN output of §2.1 that
+feeds eq. 5's audio vector ``c_a``): a Conv1d whose kernel spans one 240-ms chunk of standardised
+encoder frames (12 frames; 250 ms is not a whole number of 20-ms frames) at a 20-ms shift gives one
+vector per chunk, then the same 1x1 dense layers, and the chunk vectors are averaged over the
+utterance as in the paper. Training uses every chunk (no random chunks: the frames are cheap).
+Text network and fusion (eq. 3-7) are unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ from training.models.layers import NEG, InputNorm, MaskedBiLSTM, masked_softmax
 
 FUSIONS = ("F-I", "F-II", "F-III")
 MODALITIES = ("both", "audio", "text")
+ACOUSTIC = ("waveform", "encoder")
+ENCODER_CHUNK_FRAMES = 12  # 240 ms of 20-ms Whisper encoder frames
 
 # Sizes that the presets fill in (fields left at None). "paper": SincNet's usual layer sizes
 # (80 filters of 251 taps, 60-channel convolutions of width 5, three 2048-d dense layers; the paper
@@ -103,6 +115,9 @@ class AdfConfig:
     preset: str = "default"
     fusion: str = "F-III"
     modality: str = "both"
+    # "waveform" (paper: SincNet on raw samples) or "encoder" (Whisper encoder frames; docstring)
+    acoustic: str = "waveform"
+    enc_dim: int = 384
     # audio
     sample_rate: int = 16000
     chunk_s: float = 0.25
@@ -142,6 +157,8 @@ class AdfConfig:
             raise ValueError(f"fusion must be one of {FUSIONS}")
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}")
+        if self.acoustic not in ACOUSTIC:
+            raise ValueError(f"acoustic must be one of {ACOUSTIC}")
         if self.wave_norm not in ("peak", "rms"):
             raise ValueError("wave_norm must be 'peak' or 'rms'")
         if len(self.pools) != len(self.conv_channels) + 1:
@@ -369,6 +386,36 @@ class AudioNet(nn.Module):
         return self.embed_sliding(x, mask)
 
 
+class EncoderAudioNet(nn.Module):
+    """``acoustic="encoder"``: Whisper encoder frames -> one vector per 240-ms chunk (20-ms shift),
+    averaged over the utterance's chunks (module docstring)."""
+
+    def __init__(self, cfg: AdfConfig, stats: dict):
+        super().__init__()
+        dims = cfg.audio_dense
+        assert dims is not None  # filled by AdfConfig.__post_init__
+        self.norm = InputNorm.from_stats(stats, "encoder", cfg.enc_dim)
+        self.kernel = ENCODER_CHUNK_FRAMES
+        self.dense = nn.ModuleList(
+            [nn.Conv1d(cfg.enc_dim, dims[0], self.kernel)]
+            + [nn.Conv1d(a, b, 1) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        )
+        self.dense_norms = nn.ModuleList(nn.BatchNorm1d(d) for d in dims)
+        self.act = nn.LeakyReLU(0.2)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out_dim = dims[-1]
+
+    def forward(self, frames: Tensor, mask: Tensor) -> Tensor:  # (B, T, E), (B, T) -> (B, H)
+        x = self.norm(frames) * mask.unsqueeze(-1)  # padding stays zero after standardising
+        y = F.pad(x.transpose(1, 2), (0, self.kernel - 1))  # a short utterance still gives one chunk
+        for i, (lin, norm) in enumerate(zip(self.dense, self.dense_norms, strict=True)):
+            y = self.act(norm(lin(self.drop(y) if i else y)))
+        k = torch.cumsum(torch.ones_like(y[:, 0, :]), dim=1) - 1.0  # chunk k covers frames k..k+11
+        n_valid = mask.sum(dim=1, keepdim=True).clamp(min=float(self.kernel))
+        chunk_mask = (k + self.kernel <= n_valid).to(y.dtype)
+        return (y * chunk_mask.unsqueeze(1)).sum(dim=-1) / chunk_mask.sum(dim=1, keepdim=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Text network
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +513,9 @@ class Adf(nn.Module):
         super().__init__()
         stats = stats or {}
         self.cfg = cfg
-        self.audio = AudioNet(cfg) if cfg.modality in ("both", "audio") else None
+        self.audio: AudioNet | EncoderAudioNet | None = None
+        if cfg.modality in ("both", "audio"):
+            self.audio = EncoderAudioNet(cfg, stats) if cfg.acoustic == "encoder" else AudioNet(cfg)
         self.text = TextNet(cfg, stats) if cfg.modality in ("both", "text") else None
         self.fuse: ModalityAttention | SegmentSelfAttention | None = None
         # all filled by AdfConfig.__post_init__
@@ -498,7 +547,11 @@ class Adf(nn.Module):
     def input_names(self) -> tuple[str, ...]:
         names: tuple[str, ...] = ()
         if self.audio is not None:
-            names += ("waveform", "waveform_mask")
+            names += (
+                ("encoder", "encoder_mask")
+                if self.cfg.acoustic == "encoder"
+                else ("waveform", "waveform_mask")
+            )
         if self.text is not None:
             names += ("words_static", "words_mask")
         return names
@@ -508,7 +561,9 @@ class Adf(nn.Module):
             raise TypeError(f"Adf expects {self.input_names}, got {len(inputs)} tensors")
         x = dict(zip(self.input_names, inputs, strict=True))
         vecs = []
-        if self.audio is not None:
+        if isinstance(self.audio, EncoderAudioNet):
+            vecs.append(self.audio(x["encoder"], x["encoder_mask"]))
+        elif self.audio is not None:
             vecs.append(self.audio(x["waveform"], x["waveform_mask"]))
         if self.text is not None:
             vecs.append(self.text(x["words_static"], x["words_mask"]))
