@@ -225,6 +225,7 @@ def test_ready_reports_the_resume_point_and_last_seq(backend):
             ws.send_text(json.dumps({**START, "session_id": s, "audio_offset_s": 9.5}))
             assert ws.receive_json()["resume_offset_s"] == 9.5
             ws.send_text(json.dumps({"type": "stop"}))
+            assert ws.receive_json()["type"] == "end"  # the lease is free once `end` arrives
         # never before the resume point: stored results are not placed twice on the timeline
         with c.websocket_connect("/v1/stream") as ws:
             ws.send_text(json.dumps({**START, "session_id": s, "audio_offset_s": 1.0}))

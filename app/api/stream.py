@@ -499,6 +499,10 @@ async def stream_endpoint(ws: WebSocket) -> None:
         await session.open()
         reason = await _read_loop(ws, conn, session, settings)
         stats = await session.finish(reason)
+        # Everything is stored: free the session before ``end``, so a client that starts the next
+        # stream on it right after ``end`` is not refused 4009 by its own finished stream.
+        await _release(lease, session_id)
+        lease = None
         if reason == "stop":
             await session.emit(session.end_message(stats))
             await conn.close(NORMAL)
@@ -519,14 +523,21 @@ async def stream_endpoint(ws: WebSocket) -> None:
             conn, session, StreamClose(INTERNAL, "internal_error", f"internal error: {type(exc).__name__}")
         )
     finally:
-        if lease is not None:  # after ``finish`` ended the stored session: a successor re-opens it
-            try:
-                await lease.release()
-            except Exception as exc:  # the lease expires by itself
-                log.warning("stream %s: could not release the session's lease: %s", session_id, exc)
+        await _release(
+            lease, session_id
+        )  # after ``finish`` ended the stored session: a successor re-opens it
         if has_slot:
             slots.release()
         metrics.STREAMS_IN_FLIGHT.dec()
+
+
+async def _release(lease: SessionLease | None, session_id: str | None) -> None:
+    if lease is None:
+        return
+    try:
+        await lease.release()
+    except Exception as exc:  # the lease expires by itself
+        log.warning("stream %s: could not release the session's lease: %s", session_id, exc)
 
 
 async def _fail(conn: _Connection, session: StreamSession | None, exc: StreamClose) -> None:
