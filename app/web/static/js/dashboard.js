@@ -102,6 +102,7 @@ function startPolling() {
 
 function onListEvent(kind, data) {
   const id = data.session_id;
+  if (view && view.viaList && id === view.id) followFromList(view, kind, data);
   if (data.session) sessions.set(id, { ...(sessions.get(id) || {}), ...data.session });
   const s = sessions.get(id);
   if (kind === "result" && data.result) {
@@ -144,7 +145,10 @@ async function startList() {
   setListMode("events");
   let opened = false;
   source.onopen = () => {
-    if (opened) loadList(); // reconnected: catch up on what was missed
+    if (opened) {
+      loadList(); // reconnected: catch up on what was missed
+      if (view && view.viaList) catchUp(view).catch(() => {});
+    }
     opened = true;
   };
   source.addEventListener("deleted", (event) => {
@@ -158,8 +162,13 @@ async function startList() {
     // CLOSED: refused (404, 401, ...) and not retried by the browser; never opened: same outcome
     if (source.readyState === EventSource.CLOSED || !opened) {
       source.close();
+      if (listSource === source) listSource = null;
       stats.errors.push("list events failed; polling");
       startPolling();
+      if (view && view.viaList) {
+        view.viaList = false;
+        longPoll(view); // after= is the last seq on the page: nothing is lost or repeated
+      }
     }
   };
 }
@@ -440,7 +449,29 @@ async function longPoll(v) {
   }
 }
 
+// The open session rides on the list's event stream when it is live: browsers allow 6 HTTP/1.1
+// connections per host, and a second EventSource per tab would stall the fourth dashboard tab.
+function followFromList(v, kind, data) {
+  if (v.closed) return;
+  if (kind === "result" && data.result) addResults(v, [data.result]);
+  else if (kind === "alert" && data.alert) addAlert(v, data.alert);
+  else if (kind === "ended" && data.session) {
+    v.viaList = false;
+    v.session = data.session;
+    renderMeta(v.session);
+    catchUp(v).catch(() => {});
+    setViewMode("ended");
+    loadSummary(v);
+  }
+}
+
 async function follow(v) {
+  if (listSource && listSource.readyState !== EventSource.CLOSED) {
+    v.viaList = true;
+    setViewMode("events");
+    await catchUp(v); // what arrived between the first catch-up and now (addResults skips repeats)
+    return;
+  }
   if (!(await hasRoute("/v1/sessions/{}/events"))) return longPoll(v);
   const source = new EventSource(withKey(`/v1/sessions/${enc(v.id)}/events?after=${v.lastSeq}`));
   v.source = source;
