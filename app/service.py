@@ -289,7 +289,7 @@ class EmotionService:
 
     # --- a whole input -------------------------------------------------------------------------
 
-    def _spans(self, samples: np.ndarray, segmentation: Segmentation) -> list[Span]:
+    def utterance_spans(self, samples: np.ndarray, segmentation: Segmentation) -> list[Span]:
         """``utterance``: the utterances of ``app.analysis.segmenter`` (the cut streaming and
         training use); ``whole``: the channel as one utterance (equal parts of <= 30 s), if it
         holds any speech."""
@@ -358,7 +358,7 @@ class EmotionService:
 
         tv = _ms()
         per_channel = await asyncio.gather(
-            *(self.engine.run_cpu(key, self._spans, t, segmentation) for t in tracks)
+            *(self.engine.run_cpu(key, self.utterance_spans, t, segmentation) for t in tracks)
         )
         vad_ms = _ms() - tv
         jobs = [(c, r) for c, regions in enumerate(per_channel) for r in regions]

@@ -2,7 +2,7 @@
 
 A job is analysed exactly as ``/v1/predict`` analyses a file: the stored upload is decoded in the
 isolated decoder pool, each channel is cut into utterances by the service's own cut
-(``EmotionService._spans``: the utterance policy, or ``whole``), and every utterance goes through
+(``EmotionService.utterance_spans``: the utterance policy, or ``whole``), and every utterance goes through
 ``analyze_utterance`` in the shared, fair ASR lane (one fair-queue identity per job, REST
 priority, at most ``job_max_in_flight`` utterances queued at once, so a long job cannot crowd out
 requests and streams). Each result is appended to the job's session *in time order* as soon as it
@@ -311,7 +311,9 @@ class JobRunner:
             del audio
             cuts = await asyncio.gather(
                 *(
-                    service.engine.run_cpu(key, service._spans, t, opts.get("segmentation", "utterance"))
+                    service.engine.run_cpu(
+                        key, service.utterance_spans, t, opts.get("segmentation", "utterance")
+                    )
                     for t in tracks
                 )
             )
