@@ -103,6 +103,16 @@ class AudioLimits:
     min_sample_rate: int = 4000
     max_sample_rate: int = 192000
 
+    @classmethod
+    def from_settings(cls, settings, max_seconds: float) -> AudioLimits:
+        """The server's limits (channels, sample rates) with the caller's length bound."""
+        return cls(
+            max_seconds=max_seconds,
+            max_channels=settings.max_channels,
+            min_sample_rate=settings.min_sample_rate,
+            max_sample_rate=settings.max_sample_rate,
+        )
+
 
 @dataclass
 class Audio:

@@ -35,16 +35,16 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from app.analysis import decoding
 from app.api.auth import principal_of
-from app.api.predict import SESSION_ID_PATTERN, PredictOptions
+from app.api.predict import SESSION_ID_PATTERN, PredictOptions, parse_options, upload_body
 from app.api.sessions import may_use_session
 from app.api.upload import read_upload
-from app.errors import InvalidOptionError, NotReadyError, OverloadedError, ServiceError, StoreUnavailableError
+from app.errors import NotReadyError, OverloadedError, ServiceError, StoreUnavailableError
 from app.inference import admission as admission_control
-from app.jobs.runner import audio_limits
+from app.jobs.runner import job_limits
 from app.jobs.store import QUEUED, Job
 from app.jobs.targets import JOB_EVENTS
 from app.jobs.webhooks import UnknownWebhookError
@@ -171,16 +171,6 @@ async def _visible(request: Request, job_id: str) -> tuple[Any, Job]:
     return jobs, job
 
 
-def _options(query: dict[str, object], fields: dict[str, str]) -> JobOptions:
-    merged: dict[str, object] = {k: v for k, v in fields.items() if k in JobOptions.model_fields}
-    merged.update({k: v for k, v in query.items() if v is not None})
-    try:
-        return JobOptions.model_validate(merged)
-    except ValidationError as exc:
-        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise InvalidOptionError(msg) from None
-
-
 def _write(path: FsPath, data: bytes) -> None:
     """Write durably under a temporary name, then rename: a crash leaves no half file behind."""
     tmp = path.with_suffix(".part")
@@ -203,35 +193,7 @@ _POST_ERRORS: dict[int | str, dict[str, Any]] = {
     },
     503: {"model": ErrorBody, "description": "`job_queue_full`, `not_ready`, budgets; see Retry-After"},
 }
-_TEXT = {"type": "string"}
-_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "WAV, FLAC, OGG, MP3, ...",
-                        },
-                        "models": _TEXT,
-                        "channels": {"type": "string", "enum": ["mix", "separate"]},
-                        "words": {"type": "boolean"},
-                        "segmentation": {"type": "string", "enum": ["utterance", "whole"]},
-                        "session_id": _TEXT,
-                        "roles": _TEXT,
-                        "webhook": _TEXT,
-                    },
-                }
-            },
-            "audio/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
+_BODY = upload_body(webhook={"type": "string"})
 
 
 @router.post(
@@ -291,7 +253,7 @@ async def _accept(request: Request, jobs, query, uploaded, decoded) -> Job:
     app = request.app
     settings, service, store = app.state.settings, app.state.service, app.state.store
     upload = await read_upload(request, settings.max_upload_bytes, uploaded)
-    opts = _options(query, upload.fields)
+    opts = parse_options(JobOptions, query, upload.fields)
     service.resolve_models(opts.models)  # unknown ids fail before any decoding
     principal = principal_of(request)
     if opts.webhook:  # a configured name this caller may use, taking job events
@@ -312,7 +274,7 @@ async def _accept(request: Request, jobs, query, uploaded, decoded) -> Job:
         decoded.resize(declared.decoded_bytes)
     decoder = decoding.pool_for(settings)
     audio = await service.engine.run_cpu(
-        new_request_key(), decoder.decode, upload.data, opts.channels, audio_limits(settings)
+        new_request_key(), decoder.decode, upload.data, opts.channels, job_limits(settings)
     )
     decoded.resize(audio.samples.nbytes)
     duration_s, n_channels, decoded_bytes = (

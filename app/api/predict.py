@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -45,6 +45,9 @@ SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # same rule as the 
 ROLE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # a role names a channel: agent, customer, ...
 
 router = APIRouter(tags=["predict"])
+
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 class PredictOptions(BaseModel):
@@ -94,23 +97,15 @@ def check_roles(roles: list[str] | None, channels: int) -> None:
         )
 
 
-def _options(query: dict[str, object], fields: dict[str, str]) -> PredictOptions:
-    merged: dict[str, object] = {k: v for k, v in fields.items() if k in PredictOptions.model_fields}
+def parse_options(cls: type[OptionsT], query: dict[str, object], fields: dict[str, str]) -> OptionsT:
+    """Options from multipart form ``fields`` and the ``query`` (which wins), validated as ``cls``."""
+    merged: dict[str, object] = {k: v for k, v in fields.items() if k in cls.model_fields}
     merged.update({k: v for k, v in query.items() if v is not None})
     try:
-        return PredictOptions.model_validate(merged)
+        return cls.model_validate(merged)
     except ValidationError as exc:
         msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise InvalidOptionError(msg) from None
-
-
-def _limits(settings) -> AudioLimits:
-    return AudioLimits(
-        max_seconds=settings.max_audio_seconds,
-        max_channels=settings.max_channels,
-        min_sample_rate=settings.min_sample_rate,
-        max_sample_rate=settings.max_sample_rate,
-    )
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -125,33 +120,36 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "loading or overloaded; see Retry-After"},
     504: {"model": ErrorBody, "description": "not served before the request deadline"},
 }
-_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "WAV, FLAC, OGG, MP3, M4A, ...",
-                        },
-                        "models": {"type": "string"},
-                        "channels": {"type": "string", "enum": ["mix", "separate"]},
-                        "words": {"type": "boolean"},
-                        "segmentation": {"type": "string", "enum": ["utterance", "whole"]},
-                        "roles": {"type": "string"},
-                        "session_id": {"type": "string"},
-                    },
-                }
-            },
-            "audio/*": {"schema": {"type": "string", "format": "binary"}},
-        },
+
+
+def upload_body(**extra_fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of an audio upload with the predict options as form fields (a
+    multipart ``file`` or a raw ``audio/*`` body), plus the route's ``extra_fields``."""
+    text = {"type": "string"}
+    fields: dict[str, Any] = {
+        "file": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG, MP3, M4A, ..."},
+        "models": text,
+        "channels": {"type": "string", "enum": ["mix", "separate"]},
+        "words": {"type": "boolean"},
+        "segmentation": {"type": "string", "enum": ["utterance", "whole"]},
+        "roles": text,
+        "session_id": text,
+        **extra_fields,
     }
-}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"], "properties": fields}
+                },
+                "audio/*": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+
+_BODY = upload_body()
 
 
 async def predict(
@@ -189,7 +187,9 @@ async def predict(
         "session_id": session_id,
         "roles": roles,
     }
-    response, _ = await run_analysis(request, lambda upload: _options(query, upload.fields))
+    response, _ = await run_analysis(
+        request, lambda upload: parse_options(PredictOptions, query, upload.fields)
+    )
     return response
 
 
@@ -243,7 +243,13 @@ async def _predict(
     t0 = time.perf_counter()
     decoder = decoding.pool_for(settings)  # isolated worker processes: a crafted file cannot crash us
     ticket.start()
-    audio = await service.engine.run_cpu(key, decoder.decode, upload.data, opts.channels, _limits(settings))
+    audio = await service.engine.run_cpu(
+        key,
+        decoder.decode,
+        upload.data,
+        opts.channels,
+        AudioLimits.from_settings(settings, settings.max_audio_seconds),
+    )
     decode_ms = (time.perf_counter() - t0) * 1000.0
     upload.data = b""  # the bytes are no longer needed: out of the upload budget
     uploaded.release()

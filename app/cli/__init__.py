@@ -118,8 +118,7 @@ async def map_ordered(
 
 
 async def _predict_files(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from app.analysis.audio import decode
-    from app.api.predict import _limits
+    from app.analysis.audio import AudioLimits, decode
     from app.cli.output import Progress
     from app.cli.render import default_format, is_tty, predict_text, style_for
     from app.errors import status_and_code
@@ -145,7 +144,13 @@ async def _predict_files(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         async def analyse(path: str) -> dict:
             try:
                 t0 = time.perf_counter()
-                audio = await service.engine.run_cpu(None, decode, path, args.channels, _limits(settings))
+                audio = await service.engine.run_cpu(
+                    None,
+                    decode,
+                    path,
+                    args.channels,
+                    AudioLimits.from_settings(settings, settings.max_audio_seconds),
+                )
                 decode_ms = (time.perf_counter() - t0) * 1000.0
                 response = await service.predict(
                     audio,

@@ -64,13 +64,9 @@ class JobError(Exception):
         self.code, self.status = code, status
 
 
-def audio_limits(settings) -> AudioLimits:
-    return AudioLimits(
-        max_seconds=settings.job_max_duration_s,
-        max_channels=settings.max_channels,
-        min_sample_rate=settings.min_sample_rate,
-        max_sample_rate=settings.max_sample_rate,
-    )
+def job_limits(settings) -> AudioLimits:
+    """A job's file may be longer than a predict upload (``job_max_duration_s``)."""
+    return AudioLimits.from_settings(settings, settings.job_max_duration_s)
 
 
 def _error_of(exc: BaseException) -> dict[str, str]:
@@ -300,9 +296,7 @@ class JobRunner:
                     "audio_missing", "the job's uploaded audio is gone from the server's disk", 500
                 )
             decoder = decoding.pool_for(s)
-            audio = await service.engine.run_cpu(
-                key, decoder.decode, job.audio_path, channels, audio_limits(s)
-            )
+            audio = await service.engine.run_cpu(key, decoder.decode, job.audio_path, channels, job_limits(s))
             tracks = (
                 [audio.samples[c] for c in range(audio.samples.shape[0])]
                 if channels == "separate"
