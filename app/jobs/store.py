@@ -28,15 +28,15 @@ async methods may be awaited from any event loop.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from app.store.sqlite_thread import SQLiteThread
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 JOB_STATES = (QUEUED, RUNNING, DONE, FAILED)
@@ -239,40 +239,26 @@ class JobStore:
         self.directory = Path(directory)
         self.path = self.directory / "jobs.db"
         self.audio_dir = self.directory / "audio"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs-store")
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
+        self._thread = SQLiteThread(self._connect, "jobs-store", "the job store")
 
     # --- plumbing ----------------------------------------------------------------------------
 
     async def _run(self, fn, *args):
-        if self._closed:
-            raise RuntimeError("the job store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._thread.run(fn, *args)
 
     def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self.audio_dir.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
-            self._conn = conn
-        return self._conn
+        return self._thread.conn()
 
-    def _tx(self, fn, *args):
-        conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            out = fn(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return out
+    def _connect(self) -> sqlite3.Connection:
+        self.audio_dir.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+        return conn
 
     async def _write(self, fn, *args):
-        return await self._run(self._tx, fn, *args)
+        return await self._run(self._thread.tx, fn, *args)
 
     async def _read(self, fn, *args):
         return await self._run(lambda: fn(self._db(), *args))
@@ -282,17 +268,7 @@ class JobStore:
         await self._read(lambda conn: None)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-
-        def op() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await self._run(op)
-        self._closed = True
-        self._executor.shutdown(wait=True)
+        await self._thread.close()
 
     # --- jobs --------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ that transaction too (``app.store.alerts.step`` on the stored ``alert_state``), 
 exactly when its result is.
 
 Thread-safety: every SQLite call runs on one dedicated thread that owns the only connection (a
-single-worker executor), so the connection is never shared across threads; the async methods may
+single-worker executor, ``app.store.sqlite_thread.SQLiteThread``), so the connection is never shared across threads; the async methods may
 be awaited from any event loop. A SQLite file belongs to one server process at a time:
 ``recover`` (at start-up) ends every stream session still marked active. Long polls wake through ``Waiters`` as soon as this process
 appends; writes from *other* processes are noticed by re-querying every ``poll_interval_s``.
@@ -32,7 +32,6 @@ import asyncio
 import json
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ from app.store.common import (
     stamp,
     stored_body,
 )
+from app.store.sqlite_thread import SQLiteThread
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -162,49 +162,39 @@ class SQLiteStore:
         self.poll_interval_s = poll_interval_s
         self._waiters = Waiters()
         # One thread owns the connection: sqlite3 connections must not be used concurrently.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._conn: sqlite3.Connection | None = None
+        self._thread = SQLiteThread(self._connect, "sqlite-store", "the session store")
         self._last_prune = 0.0
-        self._closed = False
 
     # --- plumbing ----------------------------------------------------------------------------
 
     async def _run(self, fn, *args):
-        if self._closed:
-            raise RuntimeError("the session store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._thread.run(fn, *args)
 
     def _db(self) -> sqlite3.Connection:
         """The connection, opened on first use (on the store thread)."""
-        if self._conn is None:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.executescript(SCHEMA)
-            have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
-            for name, kind in _ADDED_COLUMNS + _ADDED_COLUMNS_3:
-                if name not in have:
-                    conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
-            conn.executescript(_SCHEMA_2)
-            conn.executescript(_SCHEMA_3)
-            self._conn = conn
-        return self._conn
+        return self._thread.conn()
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the file and create or upgrade the schema (on the store thread)."""
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN ourselves, so transactions are explicit.
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+        for name, kind in _ADDED_COLUMNS + _ADDED_COLUMNS_3:
+            if name not in have:
+                conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
+        conn.executescript(_SCHEMA_2)
+        conn.executescript(_SCHEMA_3)
+        return conn
 
     def _tx(self, fn):
         """Run ``fn(conn)`` inside BEGIN IMMEDIATE ... COMMIT (rolled back on error)."""
-        conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            out = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return out
+        return self._thread.tx(fn)
 
     def _get_raw(self, conn: sqlite3.Connection, session_id: str) -> RawSession | None:
         row = conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
@@ -521,14 +511,4 @@ class SQLiteStore:
         return existed
 
     async def close(self) -> None:
-        if self._closed:
-            return
-
-        def op() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await self._run(op)
-        self._closed = True
-        self._executor.shutdown(wait=True)
+        await self._thread.close()
