@@ -175,9 +175,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--asr-model",
-        metavar="DIR",
-        help="faster-whisper model directory: words, confidences and Whisper encoder frames (default: the "
-        "bundled tiny.en); serve with EMOTION_ASR_MODEL=DIR",
+        metavar="NAME|DIR",
+        help="ASR model by name (tiny.en, base: app/analysis/asr_models.py) or a faster-whisper directory: "
+        "words, confidences and Whisper encoder frames (default: tiny.en); serve with EMOTION_ASR_MODEL",
     )
     g.add_argument(
         "--encoder-window",

