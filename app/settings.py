@@ -48,7 +48,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- models --------------------------------------------------------------------------
-    model_dir: Path = REPO_ROOT / "models"
+    model_dir: Path = Field(
+        REPO_ROOT / "models",
+        description="emotion models root: tiny.en's models here, base's in base/ (app.analysis.asr_models)",
+    )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["cmt-awc", "ca-mser", "adf", "3m-ser"]
     )
@@ -56,7 +59,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, description="ONNX Runtime intra-op threads per session; 0 = auto")
 
     # --- ASR (faster-whisper) ------------------------------------------------------------
-    asr_model: str = Field("", description="faster-whisper model directory; empty = bundled tiny.en")
+    asr_model: str = Field(
+        "",
+        description="tiny.en | base (app/analysis/asr_models.py) | a faster-whisper directory; empty = the "
+        "device's default (tiny.en on CPU, base on CUDA); emotion models come from EMOTION_MODEL_DIR/<name>",
+    )
     asr_compute_type: str = Field("default", description="CTranslate2 compute type (int8, float16, ...)")
     asr_beam_size: int = 1
     asr_language: str | None = "en"

@@ -165,30 +165,17 @@ def assemble(name: str, root: Path | None = None, verify: bool = False) -> Path:
 
 
 def identify(path: Path) -> str | None:
-    """The registry name of a faster-whisper directory, if it is one of the named models."""
+    """The registry name of a faster-whisper directory when it is where that name installs (a copy
+    elsewhere is a local model, named by its directory and content like any other)."""
     resolved = path.resolve()
     for spec in ASR_MODELS.values():
-        if not spec.part_packages:
-            try:
-                if model_dir(spec.name).resolve() == resolved:
-                    return spec.name
-            except AsrModelError:
-                continue
-        elif (resolved / "model.bin").is_file() and (resolved / "model.bin").stat().st_size == spec.size:
-            if _sha256_cached(resolved / "model.bin") == spec.sha256:
-                return spec.name
+        try:
+            where = install_root() / spec.name if spec.part_packages else model_dir(spec.name)
+        except AsrModelError:
+            continue
+        if where.resolve() == resolved:
+            return spec.name
     return None
-
-
-_HASHES: dict[tuple[str, float, int], str] = {}
-
-
-def _sha256_cached(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_mtime, st.st_size)
-    if key not in _HASHES:
-        _HASHES[key] = _sha256(path)
-    return _HASHES[key]
 
 
 def _sha256(path: Path) -> str:

@@ -199,11 +199,12 @@ class TranscriptionForm(BaseModel):
 
 
 def asr_model_name(settings) -> str:
+    """The ASR model's name (``tiny.en``, ``base``) or its directory's name."""
     from pathlib import Path
 
-    from app.analysis.asr import BUNDLED_NAME
+    from app.analysis.analyzer import AnalyzerSpec
 
-    return Path(settings.asr_model).name if settings.asr_model else BUNDLED_NAME
+    return Path(AnalyzerSpec.from_settings(settings).asr_name()).name
 
 
 def parse_form(upload: Upload, settings) -> TranscriptionForm:

