@@ -68,8 +68,10 @@ class Settings(BaseSettings):
     asr_beam_size: int = 1
     asr_language: str | None = "en"
     asr_cpu_threads: int = Field(0, description="CTranslate2 intra-op threads; 0 = number of cores")
-    asr_encoder_window: Literal["fitted", "full"] = Field(
-        "fitted", description="fitted (utterance rounded up to 5 s, >= 10 s) | full (Whisper's 30 s)"
+    asr_encoder_window: Literal["", "fitted", "full"] = Field(
+        "",
+        description="fitted (utterance rounded up to 5 s, >= 10 s) | full (Whisper's 30 s); empty = the ASR "
+        "model's own (tiny.en fitted, base full: app/analysis/asr_models.py)",
     )
 
     # --- what an utterance is (app/analysis/segmenter.py): REST, streaming and training alike ---

@@ -97,7 +97,7 @@ class AnalyzerSpec:
     compute_type: str = "default"
     beam_size: int = 1
     language: str | None = "en"
-    encoder_window: str = DEFAULT_ENCODER_WINDOW
+    encoder_window: str = ""  # "" = the ASR model's own (app.analysis.asr_models.default_encoder_window)
     text_model: str = ""  # ONNX text encoder directory; "" = bundled all-MiniLM-L6-v2
     speech_encoder: str = ""  # wav2vec2 ONNX directory for ca-mser; "" = Whisper frames
     glove_path: str = ""  # GloVe text file for adf; "" = the text encoder's input embeddings
@@ -134,6 +134,11 @@ class AnalyzerSpec:
 
         return self.asr_model or default_name(resolve_device(self.device))
 
+    def resolved_encoder_window(self) -> str:
+        from app.analysis.asr_models import default_encoder_window
+
+        return self.encoder_window or default_encoder_window(self.asr_name())
+
     def feature_config(self, **fields: Any) -> FeatureConfig:
         """The features this spec computes; hashes the local parts' files, loads no model."""
         from app.analysis.asr import Recognizer
@@ -147,7 +152,7 @@ class AnalyzerSpec:
             asr_compute_type=resolve_compute_type(self.compute_type),
             asr_beam_size=self.beam_size,
             asr_language=self.language,
-            asr_encoder_window=self.encoder_window,
+            asr_encoder_window=self.resolved_encoder_window(),
             text_model=TextEncoder.identity_of(self.text_model or None),
             speech_encoder=SpeechEncoder.identity_of(self.speech_encoder) if self.speech_encoder else "",
             word_vectors=WordVectors.identity_of(self.glove_path) if self.glove_path else "",
@@ -171,7 +176,7 @@ class AnalyzerSpec:
             language=self.language,
             cpu_threads=threads,
             num_workers=self.num_workers if asr_workers is None else asr_workers,
-            encoder_window=self.encoder_window,
+            encoder_window=self.resolved_encoder_window(),
         )
         text_encoder = TextEncoder(
             self.text_model or None, providers=["CPUExecutionProvider"], threads=threads

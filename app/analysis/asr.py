@@ -151,7 +151,7 @@ class Recognizer:
         language: str | None = "en",
         cpu_threads: int = 0,
         num_workers: int = 1,
-        encoder_window: str = DEFAULT_ENCODER_WINDOW,
+        encoder_window: str = "",
     ):
         from faster_whisper import WhisperModel
 
@@ -171,6 +171,10 @@ class Recognizer:
         self.compute_type = compute_type
         self.beam_size = beam_size
         self.language = language
+        if not encoder_window:  # the model's own (app.analysis.asr_models.default_encoder_window)
+            from app.analysis.asr_models import default_encoder_window
+
+            encoder_window = default_encoder_window(model_path)
         if encoder_window not in ENCODER_WINDOWS:
             raise ASRError(f"encoder_window must be one of {ENCODER_WINDOWS}, not {encoder_window!r}")
         self.encoder_window = encoder_window
