@@ -70,6 +70,7 @@ format: $(VENV)/.test
 
 train-defaults: $(VENV)/.test
 	$(PY) -m training train-defaults --data ../shared/data/ravdess-a01-18
+	$(PY) -m training train-defaults --data ../shared/data/ravdess-a01-18 --asr-model base
 
 bench: $(VENV)/.test
 	$(PY) bench/predict_bench.py

@@ -65,7 +65,7 @@ def measure(name: str, items: list[tuple[Path, str]], threads: int) -> dict:
     audio = [decode(p).mono for p, _ in items]
     rec.transcribe(audio[0])  # first-call allocations
     seconds, errors, ref_words, audio_s = [], 0, 0, 0.0
-    for (path, text), x in zip(items, audio, strict=True):
+    for (_path, text), x in zip(items, audio, strict=True):
         t0 = time.perf_counter()
         tr = rec.transcribe(x)
         seconds.append(time.perf_counter() - t0)

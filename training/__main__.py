@@ -402,14 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "train-defaults",
-        "cache + baseline + CV and export of every model + ensemble + models/RESULTS.md; by default on "
-        "RAVDESS actors 01-18, 4class, speaker-independent 6-fold CV (3 actors per fold)",
+        "the shipped recipe (training/recipe.py): cache clean + call, baselines, CV and export of every "
+        "model on clean + call audio, calibrate and publish; models/ for tiny.en, models/base/ for base",
     )
     _add_data(p)
-    _add_protocol(p)
-    _add_training(p, need_model=False)
-    _add_export(p)
-    _add_combine(p)
+    p.add_argument("--out", default="runs", help="root directory of run reports (default: runs)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all usable cores")
+    p.add_argument(
+        "--models-dir",
+        default=None,
+        help="where the models go (default: models/<the ASR model's subdirectory>, app/analysis/asr_models.py)",
+    )
     p.add_argument(
         "--models", nargs="+", choices=MODEL_IDS, default=list(MODEL_IDS), help="models to run (default: all)"
     )
@@ -872,28 +875,30 @@ def publish_calibrated(
 
 
 def cmd_train_defaults(args) -> None:
-    from training.trainer import ensemble_reports
+    from app.analysis.asr_models import ASR_MODELS
+    from training import recipe
 
     t0 = time.perf_counter()
-    ctx = Context(args)
-    ctx.samples(())  # fill the cache once (the only ASR pass)
-    rows = [cmd_baseline(args).report]
-    members = []
-    for model_id in args.models:
-        overrides: dict[str, object] = {}  # the default variant of each model
-        res, samples = run_cv(ctx, model_id, overrides)
-        card, final = run_export(ctx, model_id, overrides, samples, res.report)
-        res.report["_final_seconds"] = final.seconds
-        rows.append(res.report)
-        members.append((res.report, card))
-        del samples
-    if len(members) >= 2:
-        ens = ensemble_reports([r for r, _ in members], args.out, combine=args.combine)
-        _print_result(ens.report)
-        rows.append(ens.report)
-        write_ensemble_card(Path(args.models_dir), ens.report, [c for _, c in members])
-    path = write_results(Path(args.models_dir) / "RESULTS.md", rows)
-    print(f"wrote {path} ({(time.perf_counter() - t0) / 60:.1f} min in all)")
+    common = ["--data", args.data, "--dataset", args.dataset, "--labels", args.labels]
+    common += ["--cache-dir", args.cache_dir, "--condition-seed", str(args.condition_seed)]
+    for flag, value in (
+        ("--asr-model", args.asr_model),
+        ("--text-model", args.text_model),
+        ("--speech-encoder", args.speech_encoder),
+        ("--glove", args.glove),
+        ("--encoder-window", args.encoder_window),
+    ):
+        if value:
+            common += [flag, value]
+    if args.no_progress:
+        common.append("--no-progress")
+    models_dir = args.models_dir
+    if models_dir is None:
+        spec = ASR_MODELS.get(args.asr_model or "tiny.en")
+        models_dir = str(Path("models") / spec.emotion_models_subdir) if spec else "models"
+    Path(models_dir).mkdir(parents=True, exist_ok=True)
+    recipe.run(main, common, args.models, models_dir, args.out, args.threads)
+    print(f"wrote {models_dir} ({(time.perf_counter() - t0) / 60:.1f} min in all)")
 
 
 def write_ensemble_card(models_dir: Path, report: dict, cards: list[dict]) -> Path:
