@@ -7,6 +7,8 @@ RAVDESS clips (every ``--stride``-th of the 4-class clips, sorted by path) with 
 - WER against the corpus transcript (``labels.csv`` ``text``), lower-cased, punctuation removed;
 - seconds per clip (p50, p95) and the real-time factor, with ``--threads`` CTranslate2 threads.
 
+Each model runs with its own encoder window (``app.analysis.asr_models``: tiny.en fitted, base full).
+
 Emotion accuracy per ASR model is not measured here: it comes from training's cross-validation
 (``models/RESULTS.md`` and ``models/base/RESULTS.md``).
 
@@ -76,6 +78,7 @@ def measure(name: str, items: list[tuple[Path, str]], threads: int) -> dict:
     q = statistics.quantiles(seconds, n=20)
     return {
         "asr_model": name,
+        "encoder_window": rec.encoder_window,
         "clips": len(items),
         "wer": errors / ref_words,
         "word_errors": errors,

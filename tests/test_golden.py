@@ -1,8 +1,8 @@
 """Golden test: the shipped models, served by ``create_app()`` with nothing injected, give the
 recorded segments, labels and probabilities on the fixture clips (``tests/golden/record.py``).
 
-Default settings throughout (bundled tiny.en, MiniLM, ``models/``): this is what ``make serve``
-runs. The file's ``ensemble`` entry is the response's top-level emotion (result shape v2 has no
+Default settings throughout (tiny.en, MiniLM, ``models/``): this is what ``make serve`` runs; and
+the same with ``EMOTION_ASR_MODEL=base``, which serves ``models/base/`` (``shipped-base.json``). The file's ``ensemble`` entry is the response's top-level emotion (result shape v2 has no
 ``per_model.ensemble``; the file and its numbers did not change with the shape). A change anywhere on the feature path (decoding, utterance cut, ASR decoding, text
 encoder, acoustic features, the feature digest) that the models were not retrained for fails here.
 """
@@ -14,7 +14,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.golden.record import FIXTURES, GOLDEN, predict_all, wait_ready
+from tests.golden.record import FIXTURES, golden_file, predict_all, wait_ready
 
 # The same machine reproduces the probabilities to ~1e-6; another CPU's int8/float kernels may
 # round differently, so the check allows 0.01 per probability and requires identical labels, text
@@ -22,13 +22,20 @@ from tests.golden.record import FIXTURES, GOLDEN, predict_all, wait_ready
 PROB_TOLERANCE = 0.01
 
 
+@pytest.fixture(scope="module", params=["tiny.en", "base"])
+def asr(request):
+    """The named ASR models, each with the emotion models shipped for it (models/, models/base/)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory, asr):
     from app.main import create_app
     from app.settings import Settings
 
-    # default settings; only the session database goes to a temporary file
-    settings = Settings(sqlite_path=tmp_path_factory.mktemp("golden") / "sessions.db")
+    # default settings but the ASR name; only the session database goes to a temporary file
+    named = {"asr_model": asr} if asr != "tiny.en" else {}
+    settings = Settings(sqlite_path=tmp_path_factory.mktemp("golden") / "sessions.db", **named)
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         yield c
@@ -39,8 +46,8 @@ def served(client):
     return predict_all(client)
 
 
-def test_shipped_models_give_the_recorded_results(served):
-    golden = json.loads(GOLDEN.read_text())
+def test_shipped_models_give_the_recorded_results(served, asr):
+    golden = json.loads(golden_file(asr).read_text())
     assert served.keys() == golden.keys()
     for clip, want in golden.items():
         got = served[clip]
@@ -58,9 +65,9 @@ def test_shipped_models_give_the_recorded_results(served):
                     assert abs(g["per_model"][model][label] - p) <= PROB_TOLERANCE, (clip, model, label)
 
 
-def test_shipped_models_serve_result_shape_v2(client):
-    """The default app answers in result shape v2 with the shipped models (one clip)."""
-    golden = json.loads(GOLDEN.read_text())["dogs_neutral_a02.flac"]["segments"][0]
+def test_shipped_models_serve_result_shape_v2(client, asr):
+    """The app answers in result shape v2 with the shipped models (one clip)."""
+    golden = json.loads(golden_file(asr).read_text())["dogs_neutral_a02.flac"]["segments"][0]
     clip = FIXTURES / "dogs_neutral_a02.flac"
     body = client.post("/v1/predict", files={"file": (clip.name, clip.read_bytes())}).json()
     seg = body["segments"][0]

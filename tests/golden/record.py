@@ -1,8 +1,9 @@
 """Record what the shipped models say about the fixture clips: ``tests/golden/shipped.json``.
 
-Run after exporting new models (``make train-defaults``) and commit the file with them:
+Run after exporting new models (``make train-defaults``) and commit the files with them:
 
-    .venv/bin/python -m tests.golden.record
+    .venv/bin/python -m tests.golden.record               # tiny.en + models/       -> shipped.json
+    .venv/bin/python -m tests.golden.record --asr base    # base + models/base/     -> shipped-base.json
 
 ``tests/test_golden.py`` then checks that ``create_app()`` with nothing injected (default
 settings, the shipped ``models/``, the bundled ASR and text encoder) still gives these labels and
@@ -18,6 +19,12 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 GOLDEN = Path(__file__).with_name("shipped.json")
+
+
+def golden_file(asr: str) -> Path:
+    """The recorded results of the models shipped for one named ASR model."""
+    return GOLDEN if asr == "tiny.en" else GOLDEN.with_name(f"shipped-{asr}.json")
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CLIPS = (
     "kids_angry_a01.flac",
@@ -66,12 +73,19 @@ def wait_ready(client: TestClient, timeout_s: float = 300.0) -> None:
 
 
 def main() -> int:
-    from app.main import create_app
+    import argparse
 
-    with TestClient(create_app()) as client:
+    from app.main import create_app
+    from app.settings import Settings
+
+    ap = argparse.ArgumentParser(description="record the shipped models' results on the fixtures")
+    ap.add_argument("--asr", default="tiny.en", help="named ASR model (default: tiny.en)")
+    args = ap.parse_args()
+    settings = Settings(asr_model=args.asr) if args.asr != "tiny.en" else Settings()
+    with TestClient(create_app(settings)) as client:
         wait_ready(client)
-        GOLDEN.write_text(json.dumps(predict_all(client), indent=1) + "\n")
-    print(f"wrote {GOLDEN}")
+        golden_file(args.asr).write_text(json.dumps(predict_all(client), indent=1) + "\n")
+    print(f"wrote {golden_file(args.asr)}")
     return 0
 
 
