@@ -258,6 +258,8 @@ def test_models_listing_and_openapi(client):
     assert r.status_code == 200
     assert [m["id"] for m in r.json()["models"]] == list(ALL_MODELS)
     assert r.json()["classes"] == list(CLASSES)
+    assert (r.json()["asr_model"], r.json()["asr_encoder_window"]) == ("tiny.en", "fitted")
+    assert r.json()["model_dir"].endswith("models")
     spec = client.get("/openapi.json").json()
     assert spec["info"]["version"] == "2.0.0" and "Changes in 2.0" in spec["info"]["description"]
     op = spec["paths"]["/v1/predict"]["post"]

@@ -317,6 +317,9 @@ class ModelsResponse(BaseModel):
     models: list[dict]
     classes: list[str]
     ensemble: str = "ensemble"
+    asr_model: str = Field("", description="tiny.en, base, or a local model's '<dir>:<hash>'")
+    asr_encoder_window: str = ""
+    model_dir: str = Field("", description="where the emotion models were loaded from")
 
 
 @router.get("/v1/models", response_model=ModelsResponse, summary="Loaded models and classes")
@@ -338,4 +341,7 @@ async def list_models(request: Request) -> ModelsResponse:
             for m, c in service.engine.cards.items()
         ],
         classes=list(service.classes),
+        asr_model=service.engine.analyzer.config.asr_model,
+        asr_encoder_window=service.engine.analyzer.config.asr_encoder_window,
+        model_dir=str(service.engine.model_dir),
     )
