@@ -160,3 +160,29 @@ def test_every_encoder_input_is_computed_from_the_shifted_frames():
     assert np.array_equal(moved["seg_mask"], plain["seg_mask"])
     with pytest.raises(ValueError, match="shift"):
         model_inputs(fake_analysis(frames, seconds), ["encoder"], encoder_shift=np.zeros(D + 1))
+
+
+# --- the offline measurement's histories (training/adaptation.py) --------------------------------
+
+
+def test_histories_are_other_utterances_of_the_same_speaker_by_kind():
+    from training.adaptation import histories
+
+    # two speakers, labels 0..3 twice each; a history never holds its own utterance
+    samples = [SimpleNamespace(speaker=f"s{i // 8}", label=i % 4) for i in range(16)]
+    units = list(range(16))
+    h = histories(samples, units, ks=[1, 3], repeats=4, seed=0)
+    again = histories(samples, units, ks=[1, 3], repeats=4, seed=0)
+    assert h == again  # seeded: every model and condition sees the same histories
+    for (kind, k), rows in h.items():
+        assert len(rows) == 4 * len(units)
+        for u, hist in rows:
+            assert len(hist) == k and u not in hist
+            assert all(samples[j].speaker == samples[u].speaker for j in hist)
+            same = [samples[j].label == samples[u].label for j in hist]
+            if kind == "same":
+                assert all(same)
+            elif kind == "other":
+                assert not any(same)
+        if kind == "same" and k == 3:  # one other same-label utterance: drawn with replacement
+            assert all(len(set(hist)) == 1 for _, hist in rows)

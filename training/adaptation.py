@@ -31,6 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -301,6 +302,7 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
     # (condition, kind, k) -> list of (labels, probs) per fold; k = 0 under kind "none"
     pooled: dict[tuple[str, str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     sensitivity: dict[tuple[str, float, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    units: dict[tuple[str, str, int], list[np.ndarray]] = {}  # the utterance of every row
     fold_rows = []
     for f in folds:
         tf = time.perf_counter()
@@ -330,9 +332,11 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
             ss, fr, mm = cond_samples[cond], frames[cond], means[cond]
             p0 = predict_rows(fold.predict_test, ss, fr, mm, [(u, []) for u in test], mu_pop, tau, shifted)
             pooled.setdefault((cond, "none", 0), []).append((y[test], p0))
+            units.setdefault((cond, "none", 0), []).append(np.array(test))
             for (kind, k), rows in ht.items():
                 p = predict_rows(fold.predict_test, ss, fr, mm, rows, mu_pop, tau, shifted)
                 pooled.setdefault((cond, kind, k), []).append((y[[u for u, _ in rows]], p))
+                units.setdefault((cond, kind, k), []).append(np.array([u for u, _ in rows]))
             if args.tau_sensitivity:
                 for t in taus:
                     for k in ks:
@@ -362,12 +366,17 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
         return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
 
     results: dict[str, dict[str, dict[str, dict]]] = {}
+    rows_out: dict[str, np.ndarray] = {}  # every row's probabilities, for combining models later
     for (cond, kind, k), parts in sorted(pooled.items()):
         yy, pp = merged(parts)
         results.setdefault(cond, {}).setdefault(kind, {})[str(k)] = {
             "n": len(yy),
             **summary(yy, pp, ctx.classes),
         }
+        key = f"{cond}/{kind}/{k}"
+        rows_out.update(
+            {f"{key}/labels": yy, f"{key}/probs": pp, f"{key}/units": np.concatenate(units[(cond, kind, k)])}
+        )
     sens: dict[str, dict[str, dict[str, float]]] = {}
     for (cond, t, k), parts in sorted(sensitivity.items()):
         yy, pp = merged(parts)
@@ -404,6 +413,7 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
     }
     out = run_dir(args.out, "adapt", f"{model_id}-{variant}")
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    np.savez_compressed(out / "rows.npz", **rows_out)  # type: ignore[arg-type]
     table = markdown(report)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -423,12 +433,14 @@ def _variant(model_id: str, n: int, overrides: dict) -> str:
 def markdown(report: dict) -> str:
     """Balanced accuracy by condition, history kind and k; then per-class recall of ``same``."""
     ks = report["adaptation"]["ks"]
-    taus = sorted({f["tau"] for f in report["folds"]})
+
+    def fmt(tau) -> str:  # one tau per fold, or one per member of a combined run
+        return "/".join(f"{t:g}" for t in tau) if isinstance(tau, list) else f"{tau:g}"
+
     head = "| model | condition | history | k=0 | " + " | ".join(f"k={k}" for k in ks) + " |"
     lines = [
         f"{report['model']} {report['variant']} (train {'+'.join(report['train_conditions'])}); tau per fold: "
-        + ", ".join(f"{f['tau']:g}" for f in report["folds"])
-        + (f" (one value: {taus[0]:g})" if len(taus) == 1 else ""),
+        + ", ".join(fmt(f["tau"]) for f in report["folds"]),
         "",
         head,
         "|---" * (4 + len(ks)) + "|",
@@ -490,3 +502,79 @@ def write_population(ctx, args) -> PopulationStats:
     path = stats.save(args.write)
     print(f"wrote {path}: {stats.dim}-d mean of {stats.n} utterances, tau {stats.tau:g}")
     return stats
+
+
+# ------------------------------------------------------------------------------ ensemble of runs
+
+
+def combine_runs(runs: Sequence[str | Path], out_root: str | Path = "runs") -> dict:
+    """The mean of several ``adapt`` runs' row probabilities (same folds, seeds and histories: the
+    rows are the same utterances in the same order, which is checked), scored like one run. A plain
+    mean of uncalibrated members: the shipped ensemble's calibration is not reapplied."""
+    from training.trainer import run_dir
+
+    reports = [json.loads((Path(r) / "report.json").read_text()) for r in runs]
+    rows = [np.load(Path(r) / "rows.npz") for r in runs]
+    first = reports[0]
+    for r, z in zip(reports[1:], rows[1:], strict=True):
+        if (
+            r["adaptation"]["ks"] != first["adaptation"]["ks"]
+            or r["adaptation"]["repeats"] != first["adaptation"]["repeats"]
+        ):
+            raise SystemExit(f"{r['model']}: other k or repeats than {first['model']}")
+        for key in rows[0].files:
+            if key.endswith("/units") and not np.array_equal(z[key], rows[0][key]):
+                raise SystemExit(f"{r['model']}: rows {key} differ from {first['model']}'s")
+    results: dict[str, dict[str, dict[str, dict]]] = {}
+    for key in rows[0].files:
+        if not key.endswith("/probs"):
+            continue
+        cond, kind, k = key.split("/")[:3]
+        probs = np.mean([z[key] for z in rows], axis=0)
+        labels = rows[0][key.replace("/probs", "/labels")]
+        results.setdefault(cond, {}).setdefault(kind, {})[k] = {
+            "n": len(labels),
+            **summary(labels, probs, first["classes"]),
+        }
+    members = "+".join(r["model"] for r in reports)
+    report = {
+        **{
+            k: first[k]
+            for k in ("classes", "protocol", "adaptation", "test_conditions", "feature_config_digest")
+        },
+        "command": "adapt (combined)",
+        "model": "ensemble",
+        "variant": f"mean-{members}",
+        "train_conditions": first["train_conditions"],
+        "members": [
+            {"model": r["model"], "variant": r["variant"], "run": str(p)}
+            for r, p in zip(reports, runs, strict=True)
+        ],
+        "folds": [
+            {"fold": f["fold"], "tau": [r["folds"][i]["tau"] for r in reports]}
+            for i, f in enumerate(first["folds"])
+        ],
+        "results": results,
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    out = run_dir(out_root, "adapt", f"ensemble-mean-{members}")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"-> {out}")
+    return report
+
+
+if __name__ == "__main__":
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.adaptation",
+        description="combine the rows of several `python -m training adapt` runs (mean of probabilities)",
+    )
+    parser.add_argument("runs", nargs="+", help="adapt run directories (report.json + rows.npz)")
+    parser.add_argument("--out", default="runs")
+    a = parser.parse_args()
+    combine_runs(a.runs, a.out)
+    sys.exit(0)
