@@ -44,6 +44,7 @@ from training import metrics as M
 log = logging.getLogger(__name__)
 
 KINDS = ("any", "same", "other")
+SENSITIVITY_KINDS = ("any", "same")  # --tau-sensitivity: the gain and the harm, per tau
 ENCODER_DERIVED = ("encoder", "enc_patches", "enc_seg")  # the inputs computed from Whisper frames
 RAW = ("encoder", "encoder_mask")
 
@@ -64,7 +65,8 @@ def add_adapt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tau-sensitivity",
         action="store_true",
-        help="also score the test speakers with every tau of the grid (any histories; reported, never chosen)",
+        help="also score the test speakers with every tau of the grid (any and same histories; reported, "
+        "never used to choose tau)",
     )
 
 
@@ -301,7 +303,7 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
 
     # (condition, kind, k) -> list of (labels, probs) per fold; k = 0 under kind "none"
     pooled: dict[tuple[str, str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-    sensitivity: dict[tuple[str, float, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    sensitivity: dict[tuple[str, float, str], list[tuple[np.ndarray, np.ndarray]]] = {}
     units: dict[tuple[str, str, int], list[np.ndarray]] = {}  # the utterance of every row
     fold_rows = []
     for f in folds:
@@ -339,10 +341,12 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
                 units.setdefault((cond, kind, k), []).append(np.array([u for u, _ in rows]))
             if args.tau_sensitivity:
                 for t in taus:
-                    for k in ks:
-                        rows = ht[("any", k)]
+                    for kind, k in [(kind, k) for kind in SENSITIVITY_KINDS for k in ks]:
+                        rows = ht[(kind, k)]
                         p = predict_rows(fold.predict_test, ss, fr, mm, rows, mu_pop, t, shifted)
-                        sensitivity.setdefault((cond, t, k), []).append((y[[u for u, _ in rows]], p))
+                        sensitivity.setdefault((cond, t, f"{kind}/{k}"), []).append(
+                            (y[[u for u, _ in rows]], p)
+                        )
         fold_rows.append(
             {
                 "fold": f.index,
@@ -378,9 +382,9 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
             {f"{key}/labels": yy, f"{key}/probs": pp, f"{key}/units": np.concatenate(units[(cond, kind, k)])}
         )
     sens: dict[str, dict[str, dict[str, float]]] = {}
-    for (cond, t, k), parts in sorted(sensitivity.items()):
+    for (cond, t, col), parts in sorted(sensitivity.items()):  # col: "kind/k"
         yy, pp = merged(parts)
-        sens.setdefault(cond, {}).setdefault(str(t), {})[str(k)] = M.balanced_accuracy(yy, pp.argmax(1), n)
+        sens.setdefault(cond, {}).setdefault(str(t), {})[col] = M.balanced_accuracy(yy, pp.argmax(1), n)
     test_all = [u for f in folds for u in f.test]
     variant = "logreg-encoder" if baseline else _variant(model_id, n, overrides or {})
     report = {
@@ -466,14 +470,12 @@ def markdown(report: dict) -> str:
                 + f" | {block['predicted_share'][classes[0]]:.3f} |"
             )
     if report.get("tau_sensitivity"):
-        lines += ["", "Tau sensitivity on the test speakers (any histories; never used to choose tau):", ""]
-        lines += [
-            "| condition | tau | " + " | ".join(f"k={k}" for k in ks) + " |",
-            "|---" * (2 + len(ks)) + "|",
-        ]
+        cols = [f"{kind}/{k}" for kind in SENSITIVITY_KINDS for k in ks]
+        lines += ["", "Tau sensitivity on the test speakers (never used to choose tau):", ""]
+        lines += ["| condition | tau | " + " | ".join(cols) + " |", "|---" * (2 + len(cols)) + "|"]
         for cond, by_tau in report["tau_sensitivity"].items():
             for t, by_k in by_tau.items():
-                lines.append(f"| {cond} | {t} | " + " | ".join(f"{by_k[str(k)]:.4f}" for k in ks) + " |")
+                lines.append(f"| {cond} | {t} | " + " | ".join(f"{by_k[c]:.4f}" for c in cols) + " |")
     return "\n".join(lines)
 
 
