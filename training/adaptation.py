@@ -77,6 +77,7 @@ def add_population_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--write", default=f"models/{FILE_NAME}", help=f"output file (default: models/{FILE_NAME})"
     )
+    p.add_argument("--note", default="", help="provenance of tau (or anything else), kept in the file")
 
 
 def _floats(text: str) -> list[float]:
@@ -499,6 +500,7 @@ def write_population(ctx, args) -> PopulationStats:
             "speakers": len({s.speaker for s in samples}),
             "condition": "clean",
             "command": "python -m training adaptation-stats",
+            **({"note": args.note} if args.note else {}),
         },
     )
     path = stats.save(args.write)
