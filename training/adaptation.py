@@ -61,7 +61,11 @@ def add_adapt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ks", default="1,3,7", help="history lengths (k = 0 is always reported)")
     g.add_argument("--repeats", type=int, default=5, help="random histories per utterance and k")
     g.add_argument("--tau", type=float, help="fixed shrinkage strength (utterances); default: fitted")
-    g.add_argument("--taus", default="1,3,10", help="grid tau is fitted on, per fold (default: 1,3,10)")
+    g.add_argument(
+        "--taus",
+        default="1,3,10",
+        help="grid tau is fitted on, per fold, without --tau; --tau-sensitivity scores all of it (default: 1,3,10)",
+    )
     g.add_argument(
         "--tau-sensitivity",
         action="store_true",
@@ -271,7 +275,8 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
     model_id = args.model
     n = len(ctx.classes)
     ks = [int(v) for v in args.ks.split(",") if v.strip()]
-    taus = [args.tau] if args.tau is not None else _floats(args.taus)
+    grid = _floats(args.taus)  # fitted on (no --tau) and scored by --tau-sensitivity
+    taus = [args.tau] if args.tau is not None else grid
     baseline = overrides is None
     if baseline:
         names: tuple[str, ...] = ()
@@ -341,7 +346,7 @@ def run(ctx, args, overrides: dict | None, settings, dims: Callable | None = Non
                 pooled.setdefault((cond, kind, k), []).append((y[[u for u, _ in rows]], p))
                 units.setdefault((cond, kind, k), []).append(np.array([u for u, _ in rows]))
             if args.tau_sensitivity:
-                for t in taus:
+                for t in grid:
                     for kind, k in [(kind, k) for kind in SENSITIVITY_KINDS for k in ks]:
                         rows = ht[(kind, k)]
                         p = predict_rows(fold.predict_test, ss, fr, mm, rows, mu_pop, t, shifted)
