@@ -79,7 +79,7 @@ class AdaptedResult:
     """An adapted utterance's result and its raw encoder-frame mean (the session's next statistic)."""
 
     result: UtteranceResult
-    frame_mean: np.ndarray
+    frame_mean: np.ndarray | None  # None: no encoder frames (the utterance adds nothing)
 
 
 _request_ids = itertools.count()
@@ -264,7 +264,8 @@ class EmotionService:
         inputs are computed (per-session adaptation, ``app.analysis.adaptation``), plus the
         utterance's raw (unshifted) encoder-frame mean for the session's running statistics."""
         result, analysis = await self._analyze_utterance(audio16k, models, encoder_shift=shift, **kwargs)
-        return AdaptedResult(result, frame_mean(analysis.transcript.encoder_frames))
+        frames = analysis.transcript.encoder_frames
+        return AdaptedResult(result, frame_mean(frames) if len(frames) else None)
 
     def adaptation_population(self) -> PopulationStats:
         """The population statistics of the loaded models (``adaptation.json`` beside them), read
