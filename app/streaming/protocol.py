@@ -26,6 +26,9 @@ with each connection. With two channels, ``R`` is the largest end of either chan
 ``channels`` names of ``ROLE_PATTERN``); each ``final`` and stored result then carries its
 ``role``, and the session keeps them (summaries and alert rules are per role). ``start.words``
 (default false) asks for the word timings in ``final``; the session store keeps them either way.
+``start.adapt`` (default false) turns on per-session adaptation (``app.analysis.adaptation``): each
+``final`` then carries ``adaptation.utterances``, the number of earlier finals of its channel whose
+statistics normalised it; the state belongs to the connection, so a resumed session starts from 0.
 """
 
 from __future__ import annotations
