@@ -13,7 +13,7 @@ Thread-safety: plain pydantic models; instances are not shared between requests.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
@@ -121,14 +121,27 @@ class TextSentiment(BaseModel):
 
 class WordsOnRequest(BaseModel):
     """Base of the results that carry ``words`` only when asked: ``None`` is serialised as an
-    absent key (not null), and the JSON schema keeps the subclass's fields."""
+    absent key (not null), and the JSON schema keeps the subclass's fields. A subclass names more
+    such optional keys in ``absent_when_none`` (e.g. a stream final's ``adaptation``)."""
+
+    absent_when_none: ClassVar[tuple[str, ...]] = ("words",)
 
     @model_serializer(mode="wrap")
     def _drop_absent_words(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
         out = handler(self)
-        if isinstance(out, dict) and "words" in out and out["words"] is None:
-            del out["words"]
+        if isinstance(out, dict):
+            for key in self.absent_when_none:
+                if key in out and out[key] is None:
+                    del out[key]
         return out
+
+
+class Adaptation(BaseModel):
+    """Per-session adaptation of a stream final (``start.adapt``): the encoder frames were shifted
+    with the running statistics of this many earlier final utterances of the channel (0 = none
+    yet: the result equals an unadapted one), shrunk to the population (``app.analysis.adaptation``)."""
+
+    utterances: int = Field(ge=0, description="earlier final utterances of this channel in the statistics")
 
 
 class SegmentOut(WordsOnRequest):

@@ -32,16 +32,20 @@ import itertools
 import logging
 import time
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from app import metrics
 from app.analysis import sentiment
+from app.analysis.adaptation import FILE_NAME as ADAPTATION_FILE
+from app.analysis.adaptation import PopulationStats, frame_mean
 from app.analysis.asr import MAX_SAMPLES
 from app.analysis.audio import SAMPLE_RATE, Audio, ChannelMode
 from app.analysis.segmenter import Span, UtterancePolicy, split_utterances
-from app.errors import NoSpeechError, NotReadyError, UnknownModelError
+from app.errors import NoSpeechError, NotReadyError, ServiceError, UnknownModelError
 from app.inference.engine import Engine, analysis_inputs
 from app.inference.ensemble import combine
 from app.inference.scheduler import Priority
@@ -61,6 +65,23 @@ from app.schemas import (
 log = logging.getLogger(__name__)
 
 ENSEMBLE = "ensemble"
+
+
+class AdaptationUnavailable(ServiceError):
+    """A stream asked for per-session adaptation, but the models have no usable population stats."""
+
+    status = 400
+    code = "adaptation_unavailable"
+
+
+@dataclass(frozen=True)
+class AdaptedResult:
+    """An adapted utterance's result and its raw encoder-frame mean (the session's next statistic)."""
+
+    result: UtteranceResult
+    frame_mean: np.ndarray | None  # None: no encoder frames (the utterance adds nothing)
+
+
 _request_ids = itertools.count()
 
 
@@ -145,6 +166,7 @@ class EmotionService:
         self.settings = settings or get_settings()
         self.policy = UtterancePolicy.from_settings(self.settings)
         self.engine = engine or Engine(self.settings, analyzer=analyzer)
+        self._population: PopulationStats | None = None  # adaptation.json, read on first use
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -221,10 +243,77 @@ class EmotionService:
         interims); ``source`` labels the audio-seconds metric. Raises ``UnknownModelError``,
         ``QueueFull``, ``DeadlineExceededError``.
         """
+        result, _ = await self._analyze_utterance(
+            audio16k,
+            models,
+            channel,
+            offset_s,
+            key=key,
+            source=source,
+            timeout_s=timeout_s,
+            count_audio=count_audio,
+            priority=priority,
+            role=role,
+        )
+        return result
+
+    async def analyze_adapted(
+        self, audio16k: np.ndarray, models: Sequence[str] | None, shift: np.ndarray, **kwargs
+    ) -> AdaptedResult:
+        """``analyze_utterance`` with ``shift`` added to the encoder frames before the models'
+        inputs are computed (per-session adaptation, ``app.analysis.adaptation``), plus the
+        utterance's raw (unshifted) encoder-frame mean for the session's running statistics."""
+        result, analysis = await self._analyze_utterance(audio16k, models, encoder_shift=shift, **kwargs)
+        frames = analysis.transcript.encoder_frames
+        return AdaptedResult(result, frame_mean(frames) if len(frames) else None)
+
+    def adaptation_population(self) -> PopulationStats:
+        """The population statistics of the loaded models (``adaptation.json`` beside them), read
+        once; raises ``AdaptationUnavailable`` when the file is missing, malformed or made for
+        another ASR model's frames."""
+        if self._population is not None:
+            return self._population
+        path = Path(self.engine.model_dir) / ADAPTATION_FILE
+        try:
+            population = PopulationStats.load(path)
+        except FileNotFoundError:
+            raise AdaptationUnavailable(
+                f"per-session adaptation needs population statistics at {path}, which the models "
+                "do not ship (python -m training adaptation-stats writes them)"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AdaptationUnavailable(f"unusable population statistics {path}: {exc}") from None
+        served = getattr(getattr(self.engine.analyzer, "config", None), "asr_model", "")
+        if population.asr_model and served and population.asr_model != served:
+            raise AdaptationUnavailable(
+                f"{path} describes the encoder frames of ASR model {population.asr_model!r}, the "
+                f"server runs {served!r}"
+            )
+        self._population = population
+        return population
+
+    async def _analyze_utterance(
+        self,
+        audio16k: np.ndarray,
+        models: Sequence[str] | None = None,
+        channel: int = 0,
+        offset_s: float = 0.0,
+        *,
+        key: Hashable | None = None,
+        source: str = "stream",
+        timeout_s: float | None = None,
+        count_audio: bool = True,
+        priority: Priority = Priority.REST,
+        role: str | None = None,
+        encoder_shift: np.ndarray | None = None,
+    ):
         ids, _ = self.resolve_models(models)
         audio16k = np.ascontiguousarray(audio16k, dtype=np.float32).reshape(-1)
         duration = len(audio16k) / SAMPLE_RATE
-        analysis = await self.engine.analyze(audio16k, key=key, priority=priority, timeout_s=timeout_s)
+        shift = {} if encoder_shift is None else {"encoder_shift": encoder_shift}
+        analysis = await self.engine.analyze(
+            audio16k, key=key, priority=priority, timeout_s=timeout_s, **shift
+        )
         t0 = _ms()
         inputs = analysis_inputs(analysis, self.engine.analyzer)
         probs = await asyncio.gather(*(self.engine.infer(mid, inputs, timeout_s=timeout_s) for mid in ids))
@@ -249,7 +338,7 @@ class EmotionService:
             )
         timing = analysis.timing_ms
         transcript = analysis.transcript
-        return UtteranceResult(
+        result = UtteranceResult(
             channel=channel,
             role=role,
             start=round(offset_s, 3),
@@ -273,6 +362,7 @@ class EmotionService:
                 total=sum(timing.values()) + inference_ms,
             ),
         )
+        return result, analysis
 
     async def transcribe(
         self,

@@ -269,6 +269,8 @@ START = json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm_s16l
         ((json.dumps({"type": "start", "models": ["nope"]}),), 1007, "unknown_model"),
         ((json.dumps({"type": "start", "encoding": "mulaw"}),), 1003, "unsupported_data"),
         ((json.dumps({"type": "start", "channels": 3}),), 1003, "unsupported_data"),
+        # the dummy models ship no adaptation.json (population statistics)
+        ((json.dumps({"type": "start", "adapt": True}),), 1003, "adaptation_unavailable"),
         ((json.dumps({"type": "dance"}),), 1003, "unsupported_data"),
         ((json.dumps({"type": "start", "metadata": {"x": "y" * 70000}}),), 1009, "message_too_big"),
         ((START, b"\x00" * (64 * 1024 + 2)), 1008, "frame_too_large"),

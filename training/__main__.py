@@ -21,6 +21,7 @@ import numpy as np
 # Spinning OpenMP workers made 2-thread training 10x slower whenever another process held a core.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from training.adaptation import add_adapt_arguments, add_population_arguments
 from training.data import DATASETS, LABEL_SETS, load_dataset
 from training.models import MODEL_IDS, model_classes
 from training.protocols import PROTOCOLS, make_folds
@@ -416,6 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", nargs="+", choices=MODEL_IDS, default=list(MODEL_IDS), help="models to run (default: all)"
     )
+    p = command(
+        "adapt", "per-session adaptation after k utterances, on the CV folds (training/adaptation.py)"
+    )
+    _add_data(p)
+    _add_protocol(p)
+    _add_training(p, need_model=False)
+    add_adapt_arguments(p)
+
+    p = command("adaptation-stats", "population statistics for per-session adaptation (adaptation.json)")
+    _add_data(p)
+    add_population_arguments(p)
     return parser
 
 
@@ -972,6 +984,28 @@ def write_results(path: Path, reports: list[dict]) -> Path:
     return path
 
 
+def cmd_adapt(args) -> None:
+    from training.adaptation import run
+
+    if args.model == "baseline":
+        run(Context(args), args, None, None)
+        return
+    overrides = model_overrides(args.model, args.variant, args.sets, args.acoustic)
+    run(
+        Context(args),
+        args,
+        overrides,
+        _settings(args, args.model),
+        lambda s: data_dims(args.model, overrides, s),
+    )
+
+
+def cmd_adaptation_stats(args) -> None:
+    from training.adaptation import write_population
+
+    write_population(Context(args), args)
+
+
 COMMANDS = {
     "cache": cmd_cache,
     "evaluate": cmd_evaluate,
@@ -981,6 +1015,8 @@ COMMANDS = {
     "ensemble": cmd_ensemble,
     "calibrate": cmd_calibrate,
     "train-defaults": cmd_train_defaults,
+    "adapt": cmd_adapt,
+    "adaptation-stats": cmd_adaptation_stats,
 }
 
 

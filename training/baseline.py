@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +74,43 @@ def _proba(clf, x: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
+@dataclass
+class FoldFit:
+    """One fold's classifiers: ``final`` (train + val speakers, C chosen on val) and ``train_only``
+    (the training speakers with that C, never fitted on val: what may score the val speakers)."""
+
+    final: Any
+    train_only: Any
+    c: float
+
+
+def fit_fold(
+    x: np.ndarray,
+    y: np.ndarray,
+    cx: dict[str, np.ndarray],
+    f: Fold,
+    n: int,
+    seed: int = 0,
+    train_conditions: Sequence[str] = (),
+) -> FoldFit:
+    """Choose C on the fold's inner-validation speakers, then refit on train + val."""
+    tr, va = (np.array(ix, np.int64) for ix in (f.train, f.val))
+    # training rows: the clean clips plus, per train condition, the same speakers' clips under it
+    xtr = np.concatenate([x[tr], *(cx[c][tr] for c in train_conditions)])
+    ytr = np.concatenate([y[tr]] * (1 + len(train_conditions)))
+    xva = np.concatenate([x[va], *(cx[c][va] for c in train_conditions)])
+    yva = np.concatenate([y[va]] * (1 + len(train_conditions)))
+    best_c, best_score, best_clf = C_GRID[0], -1.0, None
+    if len(va):
+        for c in C_GRID:
+            clf = _classifier(c, seed).fit(xtr, ytr)
+            score = M.balanced_accuracy(yva, _proba(clf, xva, n).argmax(1), n)
+            if score > best_score:
+                best_c, best_score, best_clf = c, score, clf
+    final = _classifier(best_c, seed).fit(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]))
+    return FoldFit(final, best_clf if best_clf is not None else final, best_c)
+
+
 def cross_validate_baseline(
     samples: Sequence[Sample],
     classes: Sequence[str],
@@ -101,20 +140,9 @@ def cross_validate_baseline(
     chosen, seconds = [], []
     for f in folds:
         tf = time.perf_counter()
-        tr, va, te = (np.array(ix, np.int64) for ix in (f.train, f.val, f.test))
-        # training rows: the clean clips plus, per train condition, the same speakers' clips under it
-        xtr = np.concatenate([x[tr], *(cx[c][tr] for c in train_conditions)])
-        ytr = np.concatenate([y[tr]] * (1 + len(train_conditions)))
-        xva = np.concatenate([x[va], *(cx[c][va] for c in train_conditions)])
-        yva = np.concatenate([y[va]] * (1 + len(train_conditions)))
-        best_c, best_score = C_GRID[0], -1.0
-        if len(va):
-            for c in C_GRID:
-                clf = _classifier(c, seed).fit(xtr, ytr)
-                score = M.balanced_accuracy(yva, _proba(clf, xva, n).argmax(1), n)
-                if score > best_score:
-                    best_c, best_score = c, score
-        clf = _classifier(best_c, seed).fit(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]))
+        te = np.array(f.test, np.int64)
+        fitted = fit_fold(x, y, cx, f, n, seed, train_conditions)
+        clf, best_c = fitted.final, fitted.c
         probs[te] = _proba(clf, x[te], n)
         for name in conditions:
             cond_probs[name][te] = _proba(clf, cx[name][te], n)

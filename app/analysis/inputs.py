@@ -81,9 +81,10 @@ class Sources:
     the ``Analysis``. ``analysis.acoustic``, when an older caller filled it, is used as is.
     """
 
-    def __init__(self, analysis, max_words: int = 100):
+    def __init__(self, analysis, max_words: int = 100, encoder_shift: np.ndarray | None = None):
         self.analysis = analysis
         self.max_words = max_words
+        self.encoder_shift = encoder_shift
 
     @cached_property
     def acoustic(self) -> F.AcousticFeatures | F.AcousticStages:
@@ -113,8 +114,16 @@ class Sources:
 
     @cached_property
     def encoder(self) -> np.ndarray:
-        """(Te, E) Whisper encoder frames as float32."""
-        return self.analysis.transcript.encoder_frames.astype(np.float32, copy=False)
+        """(Te, E) Whisper encoder frames as float32, plus ``encoder_shift`` when given (per-session
+        adaptation, ``app.analysis.adaptation``): added here, before any input pools, cuts or pads
+        the frames, so every Whisper-frame input sees the same shifted frames."""
+        frames = self.analysis.transcript.encoder_frames.astype(np.float32, copy=False)
+        if self.encoder_shift is None:
+            return frames
+        shift = np.asarray(self.encoder_shift, np.float32).reshape(-1)
+        if shift.shape != frames.shape[1:]:
+            raise ValueError(f"encoder shift has {shift.size} values, the encoder frames {frames.shape[1]}")
+        return frames + shift
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,10 +442,17 @@ def inputs_for(model_input_names: Iterable[str]) -> tuple[str, ...]:
     return tuple(n for n in INPUTS if n in wanted)
 
 
-def model_inputs(analysis, names: Iterable[str] | None = None, max_words: int = 100) -> dict[str, np.ndarray]:
+def model_inputs(
+    analysis,
+    names: Iterable[str] | None = None,
+    max_words: int = 100,
+    encoder_shift: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """The named inputs for one analysed utterance (all of them when ``names`` is None), in the order
-    asked for. Only the features those inputs need are computed, each once (``Sources``)."""
-    sources = Sources(analysis, max_words)
+    asked for. Only the features those inputs need are computed, each once (``Sources``).
+    ``encoder_shift``: a (E,) vector added to every Whisper encoder frame first (``Sources.encoder``;
+    wav2vec2 ``speech_frames`` are not shifted)."""
+    sources = Sources(analysis, max_words, encoder_shift)
     return {n: INPUTS[n].producer(sources) for n in (INPUTS if names is None else _known(names))}
 
 

@@ -6,11 +6,12 @@ Protocol (JSON text messages, each with a ``type``; audio in binary messages)::
     {"type":"start", sample_rate, encoding,  -> {"type":"ready", session_id, settings,
      channels, models?, session_id?,              resume_offset_s, last_seq, ...}
      metadata?, partials?, audio_offset_s?,
-     roles?, words?}
+     roles?, words?, adapt?}
     <binary audio frame> ...                 -> {"type":"partial", channel, utterance, confirmed, unconfirmed}
                                              -> {"type":"final", seq, channel, role, start, end, text,
                                                  words (only with words=true), emotion,
-                                                 text_sentiment, latency_ms, reason}
+                                                 text_sentiment, latency_ms, reason,
+                                                 adaptation (only with adapt=true)}
                                              -> {"type":"interim", channel, emotion}   (if enabled)
                                              -> {"type":"warning", code, detail}
     {"type":"ping", id?}                     -> {"type":"pong", id}
@@ -24,6 +25,11 @@ Protocol (JSON text messages, each with a ``type``; audio in binary messages)::
   and the session keeps them (per-role summary, alert rules by role). A bad list closes 1007.
 * ``words`` (default false): finals carry ``words`` (timings, confidences) only when true; the
   session store keeps them either way (``GET /v1/sessions/{id}/results?words=true``).
+* ``adapt`` (default false): per-session adaptation (``app.analysis.adaptation``): each channel's
+  encoder frames are shifted by the running mean of its earlier finals, shrunk to the population
+  statistics beside the models; every final (and stored result) then carries ``adaptation:
+  {"utterances": n}``. The state is this connection's only: a resumed session, or one continued
+  on another replica, starts again from n = 0.
 * Binary frames of any length up to ``max_frame_bytes`` (20-100 ms is typical; a frame need not
   end on a sample boundary).
 * ``partial``: per channel and utterance; ``confirmed`` only ever grows within an utterance
@@ -64,6 +70,8 @@ code  error                      when
 1000  (normal)                   after ``end``, following the client's ``stop``
 1003  unsupported_data           unsupported encoding, sample rate, channel count, or an
                                  unknown message ``type``
+1003  adaptation_unavailable     ``start.adapt`` but the loaded models ship no usable
+                                 ``adaptation.json`` (population statistics)
 1007  invalid_payload            bad JSON, invalid ``start`` fields (types, unknown model, bad
                                  session id), NaN/inf in f32le audio
 1008  unauthorized               missing or wrong API key
@@ -446,6 +454,19 @@ def _resolve_models(service, start: StartMessage) -> list[str]:
         raise
 
 
+def _population(service, start: StartMessage):
+    """The population statistics for ``start.adapt`` (None without it), or ``StreamClose`` 1003 when
+    the loaded models ship none: a stream that asked for adaptation never runs without it."""
+    if not start.adapt:
+        return None
+    from app.service import AdaptationUnavailable
+
+    try:
+        return service.adaptation_population()
+    except AdaptationUnavailable as exc:
+        raise StreamClose(UNSUPPORTED, exc.code, str(exc)) from None
+
+
 async def stream_endpoint(ws: WebSocket) -> None:
     """Accept, authenticate, run one stream session, close with the right code."""
     app = ws.app
@@ -474,6 +495,7 @@ async def stream_endpoint(ws: WebSocket) -> None:
         start = await _await_start(ws, conn, settings)
         _check_start(start, settings)
         models = _resolve_models(service, start)
+        population = _population(service, start)
         session_id = start.session_id or uuid.uuid4().hex
         SESSION_ID.set(session_id)  # every later log line of this stream (and its tasks) carries it
         await _check_session(store, session_id, principal, start, settings)
@@ -488,6 +510,7 @@ async def stream_endpoint(ws: WebSocket) -> None:
             models=start.models,
             announced_models=models,
             lease=lease,
+            population=population,
             on_lease_lost=lambda: conn.abort(
                 StreamClose(
                     SESSION_BUSY,

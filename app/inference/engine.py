@@ -520,9 +520,14 @@ class Engine:
         key: Hashable | None = None,
         priority: Priority = Priority.REST,
         timeout_s: float | None = None,
+        encoder_shift: np.ndarray | None = None,
     ):
-        """``Analysis`` of one utterance (ASR + text + acoustic features), batched in the ASR lane."""
-        request = AsrRequest(np.ascontiguousarray(audio, dtype=np.float32), full=True)
+        """``Analysis`` of one utterance (ASR + text + acoustic features), batched in the ASR lane.
+        ``encoder_shift``: added to the encoder frames before the model inputs are computed
+        (per-session adaptation); ``analysis.transcript.encoder_frames`` stay as recognised."""
+        request = AsrRequest(
+            np.ascontiguousarray(audio, dtype=np.float32), full=True, encoder_shift=encoder_shift
+        )
         analysis = await self._require(self.asr_lane).run(key, request, priority, timeout_s)
         metrics.ASR_SECONDS.observe(analysis.timing_ms.get("asr", 0.0) / 1000.0)
         feature_ms = sum(analysis.timing_ms.get(k, 0.0) for k in ("text", "features", "speech_encoder"))
@@ -555,7 +560,8 @@ class Engine:
             max_words = analyzer.config.max_words
             for i, analysis in zip(full, analyses, strict=True):
                 t0 = time.perf_counter()
-                analysis.inputs = model_inputs(analysis, self.input_names, max_words)
+                shift = requests[i].encoder_shift
+                analysis.inputs = model_inputs(analysis, self.input_names, max_words, shift)
                 analysis.timing_ms["features"] = (time.perf_counter() - t0) * 1000.0
                 results[i] = analysis
         return results
@@ -576,6 +582,7 @@ class AsrRequest:
 
     audio: np.ndarray
     full: bool
+    encoder_shift: np.ndarray | None = None  # (E,) added to the encoder frames (app.analysis.adaptation)
 
 
 def _one_by_one(analyzer, request: AsrRequest) -> Any:

@@ -26,15 +26,18 @@ with each connection. With two channels, ``R`` is the largest end of either chan
 ``channels`` names of ``ROLE_PATTERN``); each ``final`` and stored result then carries its
 ``role``, and the session keeps them (summaries and alert rules are per role). ``start.words``
 (default false) asks for the word timings in ``final``; the session store keeps them either way.
+``start.adapt`` (default false) turns on per-session adaptation (``app.analysis.adaptation``): each
+``final`` then carries ``adaptation.utterances``, the number of earlier finals of its channel whose
+statistics normalised it; the state belongs to the connection, so a resumed session starts from 0.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from app.schemas import Emotion, TextSentiment, WordOut, WordsOnRequest
+from app.schemas import Adaptation, Emotion, TextSentiment, WordOut, WordsOnRequest
 
 ENCODINGS = {"pcm_s16le": 2, "f32le": 4}  # bytes per sample
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -66,6 +69,12 @@ class StartMessage(BaseModel):
         None, description='role per channel, e.g. ["agent", "customer"] (at most `channels` names)'
     )
     words: bool = Field(False, description="true: finals carry word timings and confidences")
+    adapt: bool = Field(
+        False,
+        description="true: per-session adaptation: each channel's encoder frames are normalised with the "
+        "running mean of its earlier final utterances, shrunk to the population (finals say after how "
+        "many); the state lives in this connection only",
+    )
 
     @model_validator(mode="after")
     def _roles_fit_channels(self) -> StartMessage:
@@ -149,6 +158,11 @@ class FinalMessage(WordsOnRequest):
     text_sentiment: TextSentiment | None = Field(None, description="TEXT sentiment of `text` (VADER)")
     reason: Literal["end_of_speech", "max_length", "stop", "disconnect", "idle", "error"]
     latency_ms: float = Field(description="from the arrival of the frame in which the speech ended")
+    adaptation: Adaptation | None = Field(
+        None, description="only with start.adapt: after how many earlier finals of the channel"
+    )
+
+    absent_when_none: ClassVar[tuple[str, ...]] = ("words", "adaptation")
 
 
 class InterimMessage(BaseModel):

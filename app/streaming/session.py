@@ -42,6 +42,15 @@ while the lease is still ours, so it never ends its successor's session either.
 Roles and words: ``start.roles[channel]`` is each final's ``role`` (stored with the result, and with
 the session on open); finals carry ``words`` only with ``start.words`` (the store always keeps them).
 
+Adaptation (``start.adapt``, ``app.analysis.adaptation``): each channel keeps a ``SessionAdapter``
+(count and sum of its finals' raw encoder-frame means). A final's analysis first waits until the
+channel's previous final has been folded in, then passes the shift of exactly the earlier finals to
+the backend (``encoder_shift``) and reports their number (``final.adaptation.utterances``); its own
+raw mean joins the state once it is done. So a result depends on earlier finals only, never on
+timing; the cost is that an adapting channel's finals are analysed one after another (they overlap
+only when utterances queue up). Interims use the state as it is, without waiting. The state lives in
+this object only: a resumed session (another connection or replica) starts again from zero.
+
 Back-pressure: ``backlog_s`` is the audio of utterances that ended but whose final is not out
 yet. Above ``max_backlog_s`` the reader must stop reading (``wait_capacity``) until the backlog
 falls below 80 % of it, so a too-fast client is slowed by TCP flow control instead of losing
@@ -68,6 +77,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from app import metrics
+from app.analysis.adaptation import PopulationStats, SessionAdapter
 from app.analysis.audio import SAMPLE_RATE
 from app.analysis.segmenter import (
     Candidate,
@@ -81,7 +91,7 @@ from app.analysis.segmenter import (
     UtteranceStart,
 )
 from app.inference.scheduler import Priority
-from app.schemas import Emotion, TextSentiment, WordOut, role_of
+from app.schemas import Adaptation, Emotion, TextSentiment, WordOut, role_of
 from app.store.lease import SessionLease
 from app.streaming.audio import ArrivalClock, ChannelResampler, PcmDecoder
 from app.streaming.local_agreement import LocalAgreement
@@ -113,6 +123,8 @@ class UtteranceOutput:
     emotion: Emotion | None
     extra: dict[str, Any] = field(default_factory=dict)  # stored with the result (language, timing)
     text_sentiment: TextSentiment | None = None
+    frame_mean: np.ndarray | None = None  # raw encoder-frame mean, when analysed with an encoder_shift
+    adapted_after: int | None = None  # set by the session: earlier finals in the shift (start.adapt)
 
 
 class StreamBackend(Protocol):
@@ -129,7 +141,11 @@ class StreamBackend(Protocol):
         key: Hashable,
         count_audio: bool = True,
         priority: Priority = Priority.FINAL,
-    ) -> UtteranceOutput: ...
+        encoder_shift: np.ndarray | None = None,
+    ) -> UtteranceOutput:
+        """``encoder_shift`` (passed only by adapting sessions): added to the encoder frames before
+        the model inputs; the output then carries the raw ``frame_mean``."""
+        ...
 
     async def transcribe_words(self, audio16k: np.ndarray, key: Hashable) -> list[str]:
         """ASR words of a partial pass (``Priority.PARTIAL``); raises ``QueueFull`` when shed."""
@@ -216,6 +232,7 @@ class StreamSession:
         ingest: Executor | None = None,
         lease: SessionLease | None = None,
         on_lease_lost: Callable[[], None] | None = None,
+        population: PopulationStats | None = None,
     ):
         self.session_id = session_id
         self.start_msg = start
@@ -261,6 +278,14 @@ class StreamSession:
         self._on_lease_lost = on_lease_lost
         self.time_offset_s = 0.0  # session time of this connection's first frame (set by open)
         self.resumed_after_seq = 0  # the session's last_seq when this connection opened it
+        # per-session adaptation (start.adapt): one running state per channel, in memory only
+        self.adapters: list[SessionAdapter] | None = None
+        if start.adapt:
+            if population is None:
+                raise ValueError("start.adapt needs the population statistics")
+            self.adapters = [SessionAdapter(population) for _ in range(self.channels)]
+        # per channel: the task that folds the latest final into its adapter (see _analysis_task)
+        self._folded: dict[int, asyncio.Task] = {}
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -531,18 +556,57 @@ class StreamSession:
                 self.counters.discarded += 1
 
     def _analysis_task(self, channel: int, audio: np.ndarray, start: int) -> asyncio.Task:
-        """A final's analysis at ``Priority.FINAL`` (the lane keeps room for it: no retry)."""
-        coro = self.backend.analyze(
-            audio,
-            self.models,
-            channel,
-            self.time_offset_s + start / SAMPLE_RATE,  # unrounded: word times as /v1/predict gives them
-            self.key,
-            priority=Priority.FINAL,
-        )
+        """A final's analysis at ``Priority.FINAL`` (the lane keeps room for it: no retry).
+
+        Adapting, the utterance is shifted with the statistics of exactly the channel's earlier
+        finals: it first waits for the fold of the latest final ended before it (``_folded``, taken
+        now, before this utterance can become final), so the result never depends on timing, and
+        never on its own or later audio."""
+        offset_s = self.time_offset_s + start / SAMPLE_RATE  # unrounded: word times as /v1/predict gives them
+        if self.adapters is None:
+            coro = self.backend.analyze(
+                audio, self.models, channel, offset_s, self.key, priority=Priority.FINAL
+            )
+        else:
+            coro = self._adapted(channel, audio, offset_s, self._folded.get(channel))
         task = asyncio.get_running_loop().create_task(coro)
         task.add_done_callback(_retrieve)
         return task
+
+    async def _adapted(
+        self, channel: int, audio: np.ndarray, offset_s: float, previous: asyncio.Task | None
+    ) -> UtteranceOutput:
+        assert self.adapters is not None
+        if previous is not None:
+            await asyncio.wait([previous])
+        shift = self.adapters[channel].next_shift()
+        out = await self.backend.analyze(
+            audio,
+            self.models,
+            channel,
+            offset_s,
+            self.key,
+            priority=Priority.FINAL,
+            encoder_shift=shift.shift,
+        )
+        out.adapted_after = shift.utterances
+        return out
+
+    def _fold_later(self, channel: int, task: asyncio.Task) -> None:
+        """Once this FINAL's analysis is done, add its raw frame mean to the channel's statistics."""
+        adapter = self.adapters[channel] if self.adapters is not None else None
+        if adapter is None:
+            return
+
+        async def fold() -> None:
+            await asyncio.wait([task])
+            if task.cancelled() or task.exception() is not None:
+                return  # a failed utterance adds nothing; the count in later finals says so
+            out = task.result()
+            if out.frame_mean is not None:
+                adapter.observe(out.frame_mean)
+
+        self._folded[channel] = asyncio.get_running_loop().create_task(fold())
 
     def _speculate(self, channel: int, ev: Candidate) -> None:
         if not self.backend.asr_idle():
@@ -563,6 +627,7 @@ class StreamSession:
                 spec.task.cancel()
                 self.counters.speculative_wasted += 1
             task = self._analysis_task(channel, ev.audio, ev.start)
+        self._fold_later(channel, task)
         job = _FinalJob(channel, ev.utterance, ev.start, ev.end, ev.speech_end, ev.reason, ev.audio, task)
         self._backlog_s += job.duration_s
         self.counters.max_backlog_s = max(self.counters.max_backlog_s, self._backlog_s)
@@ -639,6 +704,9 @@ class StreamSession:
             "source": "stream",
             **out.extra,
         }
+        adaptation = Adaptation(utterances=out.adapted_after) if out.adapted_after is not None else None
+        if adaptation is not None:
+            result["adaptation"] = adaptation.model_dump()
         seq = None
         try:
             seq = await self.store.append_result(self.session_id, result)
@@ -671,6 +739,7 @@ class StreamSession:
                 text_sentiment=out.text_sentiment,
                 reason=job.reason,
                 latency_ms=round(latency_ms, 1),
+                adaptation=adaptation,
             )
         )
 
@@ -726,6 +795,8 @@ class StreamSession:
         )
 
     async def _interim(self, channel: int, ev: InterimDue) -> None:
+        # adapting: the statistics as they are now (an estimate need not wait for earlier finals)
+        shift = {} if self.adapters is None else {"encoder_shift": self.adapters[channel].next_shift().shift}
         out = await self.backend.analyze(
             ev.audio,
             self.models,
@@ -734,6 +805,7 @@ class StreamSession:
             self.key,
             count_audio=False,
             priority=Priority.PARTIAL,
+            **shift,
         )
         if self._open.get(channel) != ev.utterance:
             return
@@ -775,11 +847,17 @@ class ServiceBackend:
         return float(self.service.settings.asr_partial_timeout_s)
 
     async def analyze(
-        self, audio16k, models, channel, offset_s, key, count_audio=True, priority=Priority.FINAL
+        self,
+        audio16k,
+        models,
+        channel,
+        offset_s,
+        key,
+        count_audio=True,
+        priority=Priority.FINAL,
+        encoder_shift=None,
     ) -> UtteranceOutput:
-        r = await self.service.analyze_utterance(
-            audio16k,
-            models,
+        kwargs = dict(
             channel=channel,
             offset_s=offset_s,
             key=key,
@@ -787,7 +865,14 @@ class ServiceBackend:
             priority=priority,
             timeout_s=self._low_timeout(priority),
         )
+        mean = None
+        if encoder_shift is None:
+            r = await self.service.analyze_utterance(audio16k, models, **kwargs)
+        else:
+            adapted = await self.service.analyze_adapted(audio16k, models, encoder_shift, **kwargs)
+            r, mean = adapted.result, adapted.frame_mean
         return UtteranceOutput(
+            frame_mean=mean,
             text=r.text,
             words=list(r.words),
             emotion=r.emotion,
