@@ -25,6 +25,7 @@ def golden_file(asr: str) -> Path:
     """The recorded results of the models shipped for one named ASR model."""
     return GOLDEN if asr == "tiny.en" else GOLDEN.with_name(f"shipped-{asr}.json")
 
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CLIPS = (
     "kids_angry_a01.flac",
