@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     asr_model: str = Field(
         "",
         description="tiny.en | base (app/analysis/asr_models.py) | a faster-whisper directory; empty = the "
-        "device's default (tiny.en on CPU, base on CUDA); emotion models come from EMOTION_MODEL_DIR/<name>",
+        "default (tiny.en on CPU and CUDA: app/analysis/asr_models.py); emotion models come from EMOTION_MODEL_DIR/<name>",
     )
     asr_compute_type: str = Field("default", description="CTranslate2 compute type (int8, float16, ...)")
     asr_beam_size: int = 1

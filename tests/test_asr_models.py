@@ -57,7 +57,6 @@ def test_names_identities_and_unknown_names():
     base_cfg = AnalyzerSpec(asr_model="base", device="cpu").feature_config()
     assert base_cfg.asr_model == "base" and base_cfg.digest() != FeatureConfig().digest()
     assert AnalyzerSpec(device="cpu").asr_name() == "tiny.en"
-    assert asr_models.default_name("cuda") == "base"
     with pytest.raises(ASRError, match="tiny.en, base"):
         Recognizer(model_path="small", device="cpu")
 

@@ -52,7 +52,10 @@ def test_train_defaults_calibrates_the_runs_its_steps_wrote(tmp_path, monkeypatc
     )
     cli.cmd_train_defaults(args)
     assert (tmp_path / "models" / "base").is_dir()  # base's models go to models/base by default
-    calibrate = calls[-1]
+    stats = calls[-1]
+    assert stats[0] == "adaptation-stats" and stats[-2:] == ["--write", "models/base/adaptation.json"]
+    assert build_parser().parse_args(stats).asr_model == "base"
+    calibrate = calls[-2]
     assert calibrate[0] == "calibrate" and calibrate[-2:] == ["--publish", "models/base"]
     combined = calibrate[1 : calibrate.index("--out")]
     assert combined == [

@@ -6,7 +6,8 @@ One list, read by ``train-defaults`` and quoted in ``models/RESULTS.md``:
 1. the feature cache, clean and call-audio (``training/conditions.py``), through the server's analyzer;
 2. the logistic-regression baseline, trained clean and clean+call (a reference row, not shipped);
 3. each paper model, cross-validated on clean and call audio, trained on both, then exported;
-4. ``calibrate``: temperatures, the combiner, ``ensemble.json`` and ``RESULTS.md`` in the models dir.
+4. ``calibrate``: temperatures, the combiner, ``ensemble.json`` and ``RESULTS.md`` in the models dir;
+5. ``adaptation-stats``: the population statistics of opt-in per-session adaptation (``adaptation.json``).
 
 Each model's shipped variant reads the Whisper encoder frames of the ASR pass (issue 11 measured it
 against each paper's front end: ``models/RESULTS.md``); the member counts trade training time for
@@ -26,6 +27,7 @@ SHIPPED: dict[str, list[str]] = {
 }
 TEST_CONDITIONS = ["--test-conditions", "clean,call"]
 TRAIN_CONDITIONS = ["--train-conditions", "clean,call"]
+ADAPTATION_TAU = "10"  # models/EXPERIMENTS.md, issue 11 item 5
 
 
 def steps(common: list[str], models: list[str], models_dir: str, threads: int) -> list[list[str]]:
@@ -64,4 +66,7 @@ def run(
     calibrate = ["calibrate", *map(str, runs), "--out", out, "--publish", models_dir]
     print("python -m training " + " ".join(calibrate), flush=True)
     main(calibrate)
+    stats = ["adaptation-stats", *common, "--tau", ADAPTATION_TAU, "--write", f"{models_dir}/adaptation.json"]
+    print("python -m training " + " ".join(stats), flush=True)
+    main(stats)
     return runs
