@@ -102,6 +102,10 @@ log "built $IMAGE in $(($(date +%s) - build_t0)) s, $("$DOCKER" image inspect -f
 "$DOCKER" run --rm --entrypoint python "$IMAGE" -c \
   "import importlib.util as u, sys; sys.exit('torch is installed in the image' if u.find_spec('torch') else 0)"
 "$DOCKER" run --rm "$IMAGE" emotion-server --version
+# Whisper base assembled at build time (the server user cannot write there: a missing or partial
+# model.bin fails here instead of at a user's first EMOTION_ASR_MODEL=base start)
+"$DOCKER" run --rm --entrypoint python "$IMAGE" -c \
+  "from app.analysis.asr_models import assemble; print('base ASR model:', assemble('base'))"
 uid="$("$DOCKER" run --rm --entrypoint id "$IMAGE" -u)"
 [ "$uid" != 0 ] || die "the image runs as root"
 

@@ -71,7 +71,7 @@ ASR_MODELS: dict[str, AsrModelSpec] = {
 }
 # The default on each device, from measurements on this project's CPU (README "Choosing the ASR
 # model"): base transcribes better (WER 0.77 % vs 2.18 %) but its emotion models score lower in
-# every row of cross-validation (ensemble clean and call), and it costs 5.8x the CPU time per clip.
+# cross-validation (ensemble 0.753/0.701 vs 0.785/0.723 clean/call), and it costs 5.8x the CPU time.
 # Emotion is what the server is for, so tiny.en is the default on CUDA too; base is there by name
 # for users who need the better transcript. GPU latency was not measured (no GPU was lent).
 DEFAULT_CPU = "tiny.en"
