@@ -23,7 +23,14 @@ class NoModels(StubService):
 
     def __init__(self) -> None:
         super().__init__()
+        from types import SimpleNamespace
+
+        from app.analysis.analyzer import FeatureConfig
+
         self.engine.cards, self.engine.runners = {}, {}
+        # GET /v1/models also names the ASR model and the model directory
+        self.engine.analyzer = SimpleNamespace(config=FeatureConfig())
+        self.engine.model_dir = "models"
 
 
 @pytest.fixture(scope="module")

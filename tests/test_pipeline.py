@@ -92,7 +92,7 @@ def test_feature_digest_is_derived_from_the_parts():
         replace(base, compute_type="float16"),
         replace(base, beam_size=5),
         replace(base, language="de"),
-        replace(base, encoder_window="full" if base.encoder_window == "fitted" else "fitted"),
+        replace(base, encoder_window="full" if base.resolved_encoder_window() == "fitted" else "fitted"),
         replace(base, utterance=UtterancePolicy(end_silence_ms=300)),
         replace(base, utterance=UtterancePolicy(max_s=10.0)),
         replace(base, max_words=50),
