@@ -234,3 +234,17 @@ def test_population_missing_or_for_another_asr_model_is_refused(tmp_path):
     )
     with pytest.raises(AdaptationUnavailable, match="base"):
         make_service(tmp_path).adaptation_population()
+
+
+def test_client_asks_for_adaptation_only_when_told():
+    """``emotion-server stream --adapt`` (and ``stream_audio(adapt=True)``) put it in ``start``."""
+    from app.cli import build_parser
+    from app.streaming.client import _Progress, _start_message
+
+    x = np.zeros((160, 1), np.float32)
+    opts = {k: None for k in ("models", "metadata", "partials", "roles", "words", "adapt")}
+    opts["partials"] = True
+    assert "adapt" not in _start_message(x, 16000, _Progress(), opts)
+    assert _start_message(x, 16000, _Progress(), {**opts, "adapt": True})["adapt"] is True
+    assert build_parser().parse_args(["stream", "f.wav", "--adapt"]).adapt is True
+    assert build_parser().parse_args(["stream", "f.wav"]).adapt is False

@@ -153,6 +153,7 @@ async def stream_audio(
     partials: bool = True,
     roles: list[str] | None = None,
     words: bool = False,
+    adapt: bool = False,
     api_key: str | None = None,
     on_message: Callable[[dict], None] | None = None,
     stop: bool = True,
@@ -191,6 +192,7 @@ async def stream_audio(
         realtime=realtime,
         roles=roles,
         words=words,
+        adapt=adapt,
     )
     deadline = time.monotonic() + timeout_s
     pending: Reconnect | None = None  # the recovery under way
@@ -242,6 +244,8 @@ def _start_message(x: np.ndarray, rate: int, progress: _Progress, opts: dict[str
         start["roles"] = opts["roles"]
     if opts["words"]:
         start["words"] = True
+    if opts["adapt"]:
+        start["adapt"] = True
     return start
 
 
@@ -384,7 +388,7 @@ async def stream_mic(
     on_message = kwargs.pop("on_message", None)
     api_key = kwargs.pop("api_key", None)
     start = {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "channels": channels}
-    for k in ("models", "session_id", "metadata", "roles", "words"):
+    for k in ("models", "session_id", "metadata", "roles", "words", "adapt"):
         if kwargs.get(k):
             start[k] = kwargs[k]
 
@@ -476,6 +480,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--roles", default="", help="role per channel, e.g. agent,customer")
     p.add_argument("--words", action="store_true", help="finals with word timings and confidences")
+    p.add_argument(
+        "--adapt",
+        action="store_true",
+        help="per-session adaptation: normalise to this caller's earlier utterances (helps a caller whose "
+        "emotion varies, hurts one who stays in one emotion: models/RESULTS.md)",
+    )
     p.set_defaults(func=cmd_stream)
     return p
 
@@ -493,6 +503,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         metadata=json.loads(args.metadata) if args.metadata else None,
         roles=[r.strip() for r in args.roles.split(",") if r.strip()] or None,
         words=args.words,
+        adapt=args.adapt,
         api_key=args.api_key or os.environ.get("EMOTION_API_KEY"),
         on_message=emit,
     )
