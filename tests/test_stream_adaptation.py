@@ -244,7 +244,7 @@ def test_client_asks_for_adaptation_only_when_told():
     x = np.zeros((160, 1), np.float32)
     opts = {k: None for k in ("models", "metadata", "partials", "roles", "words", "adapt")}
     opts["partials"] = True
-    assert "adapt" not in _start_message(x, 16000, _Progress(), opts)
-    assert _start_message(x, 16000, _Progress(), {**opts, "adapt": True})["adapt"] is True
+    assert "adapt" not in _start_message(x, 16000, _Progress(session_id=None), opts)
+    assert _start_message(x, 16000, _Progress(session_id=None), {**opts, "adapt": True})["adapt"] is True
     assert build_parser().parse_args(["stream", "f.wav", "--adapt"]).adapt is True
     assert build_parser().parse_args(["stream", "f.wav"]).adapt is False
