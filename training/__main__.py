@@ -1,8 +1,11 @@
-"""Command line: ``python -m training {cache,evaluate,train,export,baseline,ensemble,train-defaults}``.
+"""Command line: ``python -m training {cache,evaluate,train,export,baseline,ensemble,calibrate,
+train-defaults,adapt,adaptation-stats}``.
 
 Run ``python -m training <command> --help`` for every option. Outputs: run reports under
 ``runs/<model>-<variant>-<timestamp>/`` (report.json + confusion.png), shipped models under
-``models/`` (<id>.onnx + <id>.json card, RESULTS.md).
+``models/`` for tiny.en and ``models/<subdir>/`` for another named ASR model (<id>.onnx + <id>.json
+card, ensemble.json, adaptation.json, RESULTS.md). ``train-defaults`` runs the shipped recipe
+(``training/recipe.py``).
 """
 
 from __future__ import annotations
