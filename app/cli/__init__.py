@@ -251,28 +251,20 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_asr(args: argparse.Namespace) -> int:
     """List the ASR models offered by name, or assemble and checksum them (``make install`` runs
-    ``asr install base``; the server also assembles on first use)."""
+    ``asr install``; the server also assembles on first use)."""
     from app.analysis import asr_models
 
     if args.asr_command == "list":
         for spec in asr_models.ASR_MODELS.values():
             try:
-                where = (
-                    str(asr_models.model_dir(spec.name))
-                    if spec.name == "tiny.en"
-                    else str(asr_models.install_root() / spec.name)
-                )
+                where = str(asr_models.installed_dir(spec.name))
             except asr_models.AsrModelError as e:
                 where = f"unavailable: {e}"
             print(f"{spec.name:8} {spec.description}\n         {where}")
         return 0
     for name in args.names or [n for n, s in asr_models.ASR_MODELS.items() if s.part_packages]:
         try:
-            path = (
-                asr_models.assemble(name, verify=args.verify)
-                if asr_models.spec_of(name).part_packages
-                else asr_models.model_dir(name)
-            )
+            path = asr_models.model_dir(name, verify=args.verify)
         except asr_models.AsrModelError as e:
             print(f"emotion-server asr install: {e}", file=sys.stderr)
             return 1
